@@ -117,7 +117,7 @@ def make_tokenizer(family: str, directory: str | Path, vocab_size: int = 400) ->
 
 
 def make_model(arch: str, directory: str | Path, family: str = "llama3", n_layers: int = 3,
-               d_model: int = 64, n_ctx: int = 256, seed: int = 0):
+               d_model: int = 64, n_ctx: int = 1024, seed: int = 0):
     """A tiny random ``arch`` model (llama, qwen2, gpt2) saved with its tokenizer in ``directory``."""
     from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config,
                               Qwen2ForCausalLM)

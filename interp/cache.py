@@ -1,0 +1,220 @@
+"""Cache residual-stream activations of transcripts at chosen layers and positions.
+
+:func:`cache_activations` renders transcripts through the model's chat template, batches them
+with padding and the attention mask, runs the model only as far as the highest requested layer,
+and keeps only the selected positions inside the hook, so memory grows with what is kept, not
+with sequence length. It returns :class:`~interp.store.Activations` in memory, or streams
+shards to an :class:`~interp.store.ActivationStore` on disk and resumes an interrupted run.
+
+Example (any model handle from :func:`interp.models.load_model`)::
+
+    acts = cache_activations(model, transcripts, layers="all", positions="decision")
+    X = acts.stack()                     # [n_transcripts, n_layers, d_model]
+    y = acts.labels("harmful", per="transcript")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from interp.models import Model, hook_name
+from interp.positions import Pick, Selector, parse
+from interp.store import ActivationStore, Activations, concat
+from interp.transcripts import RenderedTranscript, Transcript, render
+
+
+def resolve_layers(model: Model, layers: str | int | Sequence[int]) -> list[int]:
+    """``"all"``, one index, or a list (negative from the end) → sorted unique layer indices."""
+    if isinstance(layers, str):
+        if layers != "all":
+            raise ValueError(f"layers must be 'all', an integer or a list of integers, got {layers!r}")
+        return list(range(model.n_layers))
+    if isinstance(layers, int):
+        layers = [layers]
+    return sorted(set(model.check_layers(list(layers), "resid_post")))
+
+
+def render_for(model: Model, transcripts: Sequence[Transcript | RenderedTranscript],
+               truncate: bool = False) -> list[RenderedTranscript]:
+    """Render transcripts with the model's tokenizer, checking them against its context."""
+    if len(transcripts) == 0:
+        raise ValueError("no transcripts given (the list is empty)")
+    out = []
+    for t in transcripts:
+        r = t if isinstance(t, RenderedTranscript) else render(t, model.tokenizer, max_length=model.n_ctx,
+                                                                  truncate=truncate)
+        if model.n_ctx is not None and len(r) > model.n_ctx:
+            raise ValueError(f"transcript {r.id!r} has {len(r)} tokens, longer than the context of "
+                             f"{model.name} ({model.n_ctx}); render it with truncate=True")
+        out.append(r)
+    return out
+
+
+def pad_batch(rendered: Sequence[RenderedTranscript], pad_id: int, side: str = "left"
+              ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """Pad token ids into ``input_ids, attention_mask [batch, pos]`` and return each row's
+    offset (where its first token sits) so positions can be shifted: ``[batch]``."""
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
+    width = max(len(r) for r in rendered)
+    ids = torch.full((len(rendered), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rendered), width), dtype=torch.long)
+    offsets = np.zeros(len(rendered), dtype=np.int64)
+    for b, r in enumerate(rendered):
+        off = width - len(r) if side == "left" else 0
+        ids[b, off:off + len(r)] = torch.as_tensor(r.input_ids)
+        mask[b, off:off + len(r)] = 1
+        offsets[b] = off
+    return ids, mask, offsets
+
+
+def _gather_fn(picks: list[list[Pick]], offsets: np.ndarray):
+    """A function reducing ``[batch, pos, d]`` to ``[rows, d]``: the picked positions, averaged
+    where a pick spans several tokens (always in float32)."""
+    b_idx, p_idx, row_idx, weight = [], [], [], []
+    row = 0
+    for b, ps in enumerate(picks):
+        for pick in ps:
+            for p in pick.positions:
+                b_idx.append(b)
+                p_idx.append(int(p) + int(offsets[b]))
+                row_idx.append(row)
+                weight.append(1.0 / len(pick.positions))
+            row += 1
+    n_rows = row
+    b_t, p_t = torch.as_tensor(b_idx), torch.as_tensor(p_idx)
+    if len(b_idx) == n_rows:  # one position per row: plain indexing
+        return lambda x: x[b_t.to(x.device), p_t.to(x.device)].float()
+    r_t, w_t = torch.as_tensor(row_idx), torch.as_tensor(weight)
+
+    def gather(x: torch.Tensor) -> torch.Tensor:
+        vals = x[b_t.to(x.device), p_t.to(x.device)].float() * w_t.to(x.device)[:, None]
+        return torch.zeros(n_rows, x.shape[-1], device=x.device).index_add_(0, r_t.to(x.device), vals)
+
+    return gather
+
+
+def _transcript_info(i: int, r: RenderedTranscript) -> dict:
+    return {"index": i, "id": r.id, "labels": dict(r.transcript.labels), "n_tokens": len(r), "truncated": r.truncated}
+
+
+def _cache_chunk(model: Model, rendered: list[RenderedTranscript], picks: list[list[Pick]], start: int,
+                 layers: list[int], site: str, batch_size: int, padding_side: str, dtype: torch.dtype,
+                 infos: tuple, bar) -> Activations:
+    """Activations of transcripts ``start : start + len(rendered)``, in their order."""
+    order = sorted(range(len(rendered)), key=lambda i: len(rendered[i]))  # less padding per batch
+    per_transcript: list[torch.Tensor | None] = [None] * len(rendered)
+    for lo in range(0, len(order), batch_size):
+        idx = order[lo:lo + batch_size]
+        ids, mask, offsets = pad_batch([rendered[i] for i in idx], model.tokenizer.pad_token_id, padding_side)
+        got = model.residual(ids, mask, layers, site, gather=_gather_fn([picks[i] for i in idx], offsets))
+        block = torch.stack([got[layer] for layer in layers], dim=1).to(dtype).cpu()  # [rows, n_layers, d]
+        row = 0
+        for i in idx:
+            n = len(picks[i])
+            per_transcript[i] = block[row:row + n]
+            row += n
+        bar.update(len(idx))
+    rows = {"transcript": [], "position": [], "n_positions": [], "kind": [], "message": [], "turn": []}
+    selectors = []
+    for i, (r, ps) in enumerate(zip(rendered, picks)):
+        for pick in ps:
+            p = pick.position
+            rows["transcript"].append(start + i)
+            rows["position"].append(p)
+            rows["n_positions"].append(len(pick.positions))
+            rows["kind"].append(int(r.kind[p]))
+            rows["message"].append(int(r.message[p]))
+            rows["turn"].append(int(r.turn[p]))
+            selectors.append(pick.selector)
+    return Activations(
+        acts=torch.cat(per_transcript), layers=tuple(layers), site=site,
+        rows={k: np.asarray(v, dtype=np.int64) for k, v in rows.items()},
+        selectors=tuple(selectors), transcripts=infos,
+    )
+
+
+def cache_activations(
+    model: Model,
+    transcripts: Sequence[Transcript | RenderedTranscript],
+    *,
+    layers: str | int | Sequence[int] = "all",
+    site: str = "resid_post",
+    positions: Selector | str = "decision",
+    batch_size: int = 8,
+    store: str | Path | None = None,
+    shard_size: int = 256,
+    dtype: torch.dtype = torch.float32,
+    padding_side: str = "left",
+    truncate: bool = False,
+    progress: bool = True,
+) -> Activations | ActivationStore:
+    """Cache the residual stream of ``transcripts`` at ``layers`` × ``positions``.
+
+    Args:
+        model: a handle from :func:`interp.models.load_model` (any backend).
+        transcripts: transcripts (rendered here with the model's chat template) or already
+            rendered ones.
+        layers: ``"all"``, a layer index, or a list of them.
+        site: ``"resid_pre"``, ``"resid_mid"`` or ``"resid_post"``.
+        positions: a selector from :mod:`interp.positions` or its name (``"decision"``,
+            ``"every:prefix"``, ``"last:user+decision"``, ...).
+        batch_size: transcripts per forward pass (similar lengths are batched together).
+        store: a directory to stream shards to (resumable); ``None`` keeps everything in memory.
+        shard_size: transcripts per shard on disk.
+        dtype: storage dtype (float32 default; bfloat16/float16 halve the size).
+        padding_side: ``"left"`` or ``"right"``; results do not depend on it.
+        truncate: keep the last ``n_ctx`` tokens of transcripts longer than the context
+            (otherwise they raise).
+
+    Returns:
+        :class:`Activations` with ``acts [rows, n_layers, d_model]``, or the
+        :class:`ActivationStore` when ``store`` is given.
+    """
+    if site not in ("resid_pre", "resid_mid", "resid_post"):
+        model.check_layers([0], site)  # raises the standard message
+    layers = resolve_layers(model, layers)
+    model.check_layers(layers, site)
+    if batch_size < 1 or shard_size < 1:
+        raise ValueError(f"batch_size and shard_size must be positive (got {batch_size}, {shard_size})")
+    selector = parse(positions)
+    rendered = render_for(model, transcripts, truncate=truncate)
+    picks = [selector(r) for r in rendered]  # raises if a selector matches nothing, before any write
+    infos = tuple(_transcript_info(i, r) for i, r in enumerate(rendered))
+
+    n = len(rendered)
+    chunks = [(lo, min(lo + shard_size, n)) for lo in range(0, n, shard_size)]
+    bar = tqdm(total=n, desc=f"caching {model.name}", unit="transcript", disable=not progress)
+    try:
+        if store is None:
+            parts = [_cache_chunk(model, rendered[a:b], picks[a:b], a, layers, site, batch_size, padding_side,
+                                  dtype, infos, bar) for a, b in chunks]
+            return replace(concat(parts), meta=_meta(model, layers, site, selector, dtype, n, shard_size))
+        st = ActivationStore.create_or_resume(store, _meta(model, layers, site, selector, dtype, n, shard_size),
+                                              list(infos))
+        done = st.done()
+        for k, (a, b) in enumerate(chunks):
+            if k in done:
+                bar.update(b - a)
+                continue
+            part = _cache_chunk(model, rendered[a:b], picks[a:b], a, layers, site, batch_size, padding_side,
+                                dtype, infos, bar)
+            st.write_shard(k, part, (a, b))
+        return ActivationStore.open(st.path, verify=False)
+    finally:
+        bar.close()
+
+
+def _meta(model: Model, layers, site, selector, dtype, n, shard_size) -> dict:
+    return {
+        "model": model.name, "backend": model.backend, "d_model": model.d_model, "n_layers": model.n_layers,
+        "layers": list(layers), "site": site, "hook_names": [hook_name(i, site) for i in layers],
+        "selector": selector.name, "dtype": str(dtype).removeprefix("torch."), "n_transcripts": n,
+        "shard_size": shard_size,
+    }
