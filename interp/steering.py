@@ -1,0 +1,116 @@
+"""Steering along a direction: activation addition and directional ablation (Arditi et al. 2024).
+
+Both are context managers that hook the model's decoder layers for as long as the block runs,
+so they apply to any forward or generation of the handle's ``hf_model`` (every backend wraps the
+same model)::
+
+    with add_direction(model, refusal_dir, layers=[4], coefficient=8.0):
+        replies = generate(model, transcripts)       # more refusal, at what cost?
+    with ablate_direction(model, refusal_dir):
+        replies = generate(model, transcripts)       # does the aligned model stop refusing?
+
+A direction is ``[d_model]`` (the same at every layer) or ``[n_layers, d_model]`` (row ``i`` at
+layer ``i``); it is unit-normalised here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+
+from interp.models import Model, _first_tensor, _mid_norm_name
+
+
+def _unit(direction: torch.Tensor, layer: int) -> torch.Tensor:
+    r = direction[layer] if direction.ndim == 2 else direction
+    return r / r.norm()
+
+
+def _check_direction(model: Model, direction: torch.Tensor) -> torch.Tensor:
+    direction = torch.as_tensor(direction, dtype=torch.float32)
+    ok = (direction.ndim == 1 and direction.shape[0] == model.d_model) or (
+        direction.ndim == 2 and direction.shape == (model.n_layers, model.d_model))
+    if not ok:
+        raise ValueError(f"direction must be [d_model={model.d_model}] or [n_layers={model.n_layers}, "
+                         f"d_model={model.d_model}], got {list(direction.shape)}")
+    if not torch.isfinite(direction).all() or (direction.norm(dim=-1) == 0).any():
+        raise ValueError("direction has a zero norm or non-finite values")
+    return direction
+
+
+def project_out(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """``x - (x · r) r`` for a unit vector ``r``: ``[..., d_model]``."""
+    r = r.to(x.dtype)
+    return x - (x @ r)[..., None] * r
+
+
+@contextmanager
+def add_direction(model: Model, direction: torch.Tensor, layers: Sequence[int], coefficient: float
+                  ) -> Iterator[None]:
+    """Add ``coefficient`` × unit direction to the residual stream entering each of ``layers``
+    (``resid_pre``), at every position. Coefficient 0 is the identity."""
+    direction = _check_direction(model, direction)
+    layers = model.check_layers(list(layers), "resid_pre")
+    handles = []
+    for i in layers:
+        shift = (coefficient * _unit(direction, i)).to(model.device)
+
+        def pre(mod, args, kwargs, shift=shift):
+            if args:
+                return (args[0] + shift.to(args[0].dtype), *args[1:]), kwargs
+            kwargs = dict(kwargs, hidden_states=kwargs["hidden_states"] + shift.to(kwargs["hidden_states"].dtype))
+            return args, kwargs
+
+        handles.append(model.layers[i].register_forward_pre_hook(pre, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def ablate_direction(model: Model, direction: torch.Tensor, layers: Sequence[int] | None = None
+                     ) -> Iterator[None]:
+    """Project the direction out of the residual stream at every point a block reads or writes
+    it: each layer's input (``resid_pre``), after its attention (``resid_mid``, where the
+    architecture has a second norm) and the last block's output. ``layers`` restricts it."""
+    direction = _check_direction(model, direction).to(model.device)
+    layers = list(range(model.n_layers)) if layers is None else model.check_layers(list(layers), "resid_pre")
+    handles = []
+    for i in layers:
+        r = _unit(direction, i)
+        block = model.layers[i]
+
+        def pre(mod, args, kwargs, r=r):
+            if args:
+                return (project_out(args[0], r), *args[1:]), kwargs
+            return args, dict(kwargs, hidden_states=project_out(kwargs["hidden_states"], r))
+
+        handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
+        mid = _mid_norm_name(block)
+        if mid is not None:
+            handles.append(getattr(block, mid).register_forward_pre_hook(
+                lambda mod, args, r=r: (project_out(args[0], r), *args[1:])))
+        if i == model.n_layers - 1:
+            def post(mod, args, output, r=r):
+                if isinstance(output, tuple):
+                    return (project_out(output[0], r), *output[1:])
+                return project_out(output, r)
+            handles.append(block.register_forward_hook(post))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def residual_projection(model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        direction: torch.Tensor, layers: Sequence[int], site: str = "resid_post") -> torch.Tensor:
+    """Projections of the residual stream onto the unit direction: ``[batch, pos, n_layers]``."""
+    direction = _check_direction(model, direction)
+    got = model.residual(input_ids, attention_mask, layers, site)
+    layers = sorted(set(model.check_layers(list(layers), site)))
+    return torch.stack([_first_tensor(got[i]).float() @ _unit(direction, i).to(got[i].device) for i in layers], -1)
