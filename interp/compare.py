@@ -1,0 +1,250 @@
+"""The three-way comparison: the aligned model, the fine-tuned model, and the fine-tuned model
+with a forced prefix, layer by layer and token by token.
+
+For every cached layer it reports:
+
+- **within**: a harmful-vs-benign probe trained and tested inside each condition (grouped
+  held-out split, so no task template is on both sides): does the model *represent* harm?
+- **transfer**: the aligned model's probe and difference-in-means direction applied to the
+  fine-tuned model's activations, without and with the prefix: is harm still written where the
+  aligned model *read* it?
+- **refusal**: a probe whose label is what the model actually did (refused or acted, from the
+  behaviour judges), since harm and refusal come apart after fine-tuning;
+- **decision logit**: the mean refusal-probe logit over harmful test tasks at the decision
+  position of each condition (the paper's −4.87 → +2.29 for Llama-3.1-8B), with intervals;
+- **cosine** between the aligned and the fine-tuned models' refusal directions;
+
+and, token by token along the prefix, the refusal-probe logit on harmful test tasks.
+
+:func:`compare` works on cached :class:`~interp.store.Activations` (from memory or a store), so
+results can be recomputed without re-running models; :func:`cache_conditions` makes them.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from interp.cache import cache_activations
+from interp.models import Model
+from interp.store import Activations
+from interp.transcripts import Transcript
+from probes import (Interval, auroc, bootstrap_ci, cosine_similarity, diff_in_means, dprime, fit_layer_probes,
+                    grouped_train_test_split, project)
+
+CONDITIONS = ("aligned", "finetuned", "prefix")
+
+
+@dataclass(frozen=True, eq=False)
+class Comparison:
+    """Results of :func:`compare`: tidy per-layer records and the per-token prefix logits.
+
+    ``layers[i]`` is a dict with keys ``layer``, ``aligned`` / ``finetuned`` / ``prefix``
+    (``{"acc", "auroc"}`` of the within-condition harmful probe), ``transfer_to_finetuned`` /
+    ``transfer_to_prefix`` (the aligned probe: ``{"acc", "auroc"}``), ``direction`` (the aligned
+    direction's AUROC and d′ per condition, and the aligned/fine-tuned cosine), ``refusal``
+    (the refusal probe's held-out ``{"acc", "auroc", "n"}``, or None) and ``decision_logit``
+    (``{condition: {"value", "low", "high"}}``).
+    """
+
+    layers: list[dict]
+    prefix_tokens: list[str]
+    prefix_logits: list[dict]  # per layer: {"layer", "positions": [{"token", "value", "low", "high"}]}
+    logit_probe: str  # "refusal" (behaviour-labelled) or "harmful" when no behaviour was given
+    n_train: int
+    n_test: int
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def layer(self, layer: int) -> dict:
+        for rec in self.layers:
+            if rec["layer"] == layer:
+                return rec
+        raise KeyError(f"layer {layer} not in the comparison (layers: {[r['layer'] for r in self.layers]})")
+
+    def to_dict(self) -> dict:
+        return {"layers": self.layers, "prefix_tokens": self.prefix_tokens, "prefix_logits": self.prefix_logits,
+                "logit_probe": self.logit_probe, "n_train": self.n_train, "n_test": self.n_test, "meta": dict(self.meta)}
+
+    def to_json(self, **kw) -> str:
+        return json.dumps(self.to_dict(), **kw)
+
+
+def _acc_auroc(scores: np.ndarray, y: np.ndarray, threshold: float = 0.0) -> dict:
+    """``scores [n, L]`` logits → per-layer accuracy at ``threshold`` and AUROC: ``{"acc": [L], "auroc": [L]}``."""
+    acc = ((scores > threshold) == y[:, None].astype(bool)).mean(0)
+    return {"acc": acc, "auroc": np.asarray(auroc(y, scores))}
+
+
+def _mean_interval(values: np.ndarray, seed: int) -> Interval:
+    return bootstrap_ci(lambda v: float(v.mean()), values, seed=seed)
+
+
+def cache_conditions(
+    aligned: Model,
+    finetuned: Model,
+    transcripts: Sequence[Transcript],
+    prefix: str,
+    *,
+    layers: str | Sequence[int] = "all",
+    site: str = "resid_post",
+    batch_size: int = 16,
+    progress: bool = True,
+) -> dict[str, Activations]:
+    """Decision-position activations of the three conditions (and every prefix token in the
+    prefix condition): ``{"aligned", "finetuned", "prefix"} -> Activations``."""
+    with_prefix = [t.with_prefix(prefix) for t in transcripts]
+    kw = dict(layers=layers, site=site, batch_size=batch_size, progress=progress)
+    return {
+        "aligned": cache_activations(aligned, transcripts, positions="decision", **kw),
+        "finetuned": cache_activations(finetuned, transcripts, positions="decision", **kw),
+        "prefix": cache_activations(finetuned, with_prefix, positions="every:prefix+decision", **kw),
+    }
+
+
+def compare(
+    acts: Mapping[str, Activations],
+    harmful: np.ndarray,
+    groups: np.ndarray,
+    refused: Mapping[str, np.ndarray] | None = None,
+    *,
+    test_size: float = 0.3,
+    C: float | None = None,
+    seed: int = 0,
+    prefix_tokens: Sequence[str] | None = None,
+) -> Comparison:
+    """Compare the three conditions at every cached layer.
+
+    Args:
+        acts: ``{"aligned", "finetuned", "prefix"}`` → activations of the same transcripts, in
+            the same order, with one ``decision`` row each (the prefix condition may also hold
+            ``every:prefix`` rows), as :func:`cache_conditions` makes them.
+        harmful: ``[n]`` task labels (True = harmful).
+        groups: ``[n]`` task-template ids; the held-out split never puts a group on both sides.
+        refused: optional ``{condition: [n] bool}``, what the model did (from the behaviour
+            judges). When given, decision logits come from refusal probes: the aligned model's
+            own, and one fit on the fine-tuned model's rows with and without the prefix.
+        C: probe regularisation (None: chosen by grouped cross-validation on the train split).
+        prefix_tokens: token strings of the prefix, for labelling per-token logits.
+    """
+    missing = [c for c in CONDITIONS if c not in acts]
+    if missing:
+        raise ValueError(f"acts lacks conditions {missing} (need {', '.join(CONDITIONS)})")
+    dec = {c: acts[c].where(selector="decision") for c in CONDITIONS}
+    n = len(dec["aligned"].transcripts)
+    harmful = np.asarray(harmful, dtype=bool)
+    groups = np.asarray(groups)
+    if harmful.shape != (n,) or groups.shape != (n,):
+        raise ValueError(f"harmful and groups must be [n={n}], got {harmful.shape} and {groups.shape}")
+    layers = dec["aligned"].layers
+    for c in CONDITIONS:
+        if len(dec[c].transcripts) != n or dec[c].layers != layers:
+            raise ValueError(f"condition {c!r} holds {len(dec[c].transcripts)} transcripts at layers "
+                             f"{list(dec[c].layers)}; expected {n} at {list(layers)}")
+    X = {c: dec[c].stack().float() for c in CONDITIONS}  # [n, L, d]
+    train, test = grouped_train_test_split(groups, test_size=test_size, seed=seed, y=harmful)
+    y_tr, y_te = harmful[train], harmful[test]
+    fit = dict(C=C, groups=groups[train] if C is None else None, layers=layers, random_state=seed)
+
+    probes = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convergence chatter on near-separable layers
+        for c in CONDITIONS:
+            probes[c] = fit_layer_probes(X[c][train], y_tr, **fit)
+    within = {c: _acc_auroc(probes[c].decision_function(X[c][test]), y_te) for c in CONDITIONS}
+    transfer = {c: _acc_auroc(probes["aligned"].decision_function(X[c][test]), y_te) for c in ("finetuned", "prefix")}
+
+    direction = {c: diff_in_means(X[c][train], y_tr) for c in ("aligned", "finetuned")}  # [L, d]
+    cos = cosine_similarity(direction["aligned"], direction["finetuned"]).numpy()
+    proj = {c: project(X[c][test], direction["aligned"]).double().numpy() for c in CONDITIONS}
+    dir_auroc = {c: np.asarray(auroc(y_te, proj[c])) for c in CONDITIONS}
+    dir_dprime = {c: dprime(torch.as_tensor(proj[c]), y_te).numpy() for c in CONDITIONS}
+
+    # decision logits: refusal probes when behaviour is known, else the harmful probes
+    refusal_summary = None
+    if refused is not None:
+        r = {c: np.asarray(refused[c], dtype=bool) for c in CONDITIONS}
+        logit_probe = "refusal"
+        aligned_probe = _fit_or_none(X["aligned"][train], r["aligned"][train], fit)
+        ft_rows = torch.cat([X["finetuned"][train], X["prefix"][train]])
+        ft_y = np.concatenate([r["finetuned"][train], r["prefix"][train]])
+        ft_fit = dict(fit, groups=np.concatenate([groups[train]] * 2) if C is None else None)
+        ft_probe = _fit_or_none(ft_rows, ft_y, ft_fit)
+        if ft_probe is not None:
+            te_rows = torch.cat([X["finetuned"][test], X["prefix"][test]])
+            te_y = np.concatenate([r["finetuned"][test], r["prefix"][test]])
+            if len(np.unique(te_y)) == 2:
+                refusal_summary = _acc_auroc(ft_probe.decision_function(te_rows), te_y)
+                refusal_summary["n"] = int(len(te_y))
+        logit_probes = {"aligned": aligned_probe or probes["aligned"], "finetuned": ft_probe or probes["finetuned"],
+                        "prefix": ft_probe or probes["finetuned"]}
+        if aligned_probe is None or ft_probe is None:
+            warnings.warn("refusal labels have a single class in some condition; its decision logits use the "
+                          "harmful probe instead", stacklevel=2)
+    else:
+        logit_probe = "harmful"
+        logit_probes = {"aligned": probes["aligned"], "finetuned": probes["finetuned"], "prefix": probes["finetuned"]}
+
+    harmful_test = test[y_te]
+    dlogit = {c: logit_probes[c].decision_function(X[c][harmful_test]) for c in CONDITIONS}  # [n_h, L]
+
+    records = []
+    for j, layer in enumerate(layers):
+        rec = {"layer": int(layer)}
+        for c in CONDITIONS:
+            rec[c] = {"acc": float(within[c]["acc"][j]), "auroc": float(within[c]["auroc"][j])}
+        for c in ("finetuned", "prefix"):
+            rec[f"transfer_to_{c}"] = {"acc": float(transfer[c]["acc"][j]), "auroc": float(transfer[c]["auroc"][j])}
+        rec["direction"] = {
+            "auroc": {c: float(dir_auroc[c][j]) for c in CONDITIONS},
+            "dprime": {c: float(dir_dprime[c][j]) for c in CONDITIONS},
+            "cosine_aligned_finetuned": float(cos[j]),
+        }
+        rec["refusal"] = None if refusal_summary is None else {
+            "acc": float(refusal_summary["acc"][j]), "auroc": float(refusal_summary["auroc"][j]),
+            "n": refusal_summary["n"]}
+        rec["decision_logit"] = {c: _mean_interval(dlogit[c][:, j], seed).to_dict() for c in CONDITIONS}
+        records.append(rec)
+
+    prefix_logits, tokens = _prefix_logits(acts["prefix"], harmful_test, logit_probes["prefix"], layers, seed,
+                                           prefix_tokens)
+    return Comparison(layers=records, prefix_tokens=tokens, prefix_logits=prefix_logits, logit_probe=logit_probe,
+                      n_train=int(len(train)), n_test=int(len(test)),
+                      meta={"site": dec["aligned"].site, "test_size": test_size, "seed": seed,
+                            "n_harmful_test": int(len(harmful_test))})
+
+
+def _fit_or_none(X, y, fit):
+    y = np.asarray(y, dtype=bool)
+    if len(np.unique(y)) < 2 or min(y.sum(), (~y).sum()) < 2:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fit_layer_probes(X, y, **fit)
+
+
+def _prefix_logits(prefix_acts: Activations, harmful_test: np.ndarray, probe, layers, seed,
+                   prefix_tokens) -> tuple[list[dict], list[str]]:
+    """Mean probe logit (with intervals) at each prefix token over harmful test transcripts."""
+    if "every:prefix" not in set(prefix_acts.selectors):
+        return [], []
+    rows = prefix_acts.where(selector="every:prefix")
+    t = rows.rows["transcript"]
+    keep = np.isin(t, harmful_test)
+    counts = np.bincount(t[keep], minlength=len(prefix_acts.transcripts))[harmful_test]
+    if len(set(counts.tolist())) != 1:
+        raise ValueError("transcripts hold different numbers of prefix tokens; per-token logits need one prefix")
+    k = int(counts[0])
+    logits = probe.decision_function(rows.acts[torch.as_tensor(np.flatnonzero(keep))].float())  # [n_h * k, L]
+    logits = logits.reshape(len(harmful_test), k, len(layers))
+    tokens = list(prefix_tokens) if prefix_tokens is not None and len(prefix_tokens) == k else [str(i) for i in range(k)]
+    out = []
+    for j, layer in enumerate(layers):
+        out.append({"layer": int(layer), "positions": [
+            {"token": tokens[i], **_mean_interval(logits[:, i, j], seed).to_dict()} for i in range(k)]})
+    return out, tokens

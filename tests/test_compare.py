@@ -1,0 +1,60 @@
+import numpy as np
+import pytest
+from conftest import agent_transcript
+
+from interp.compare import CONDITIONS, cache_conditions, compare
+from interp.models import load_model
+
+PREFIX = "As a careful agent, I"
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_dirs, tmp_path_factory):
+    from tiny import make_model
+
+    other = tmp_path_factory.mktemp("ft")
+    make_model("llama", other, family="llama3", seed=1)  # a different "fine-tuned" model, same tokenizer
+    aligned, finetuned = load_model(tiny_dirs["llama"]), load_model(other)
+    ts = [agent_transcript(i, harmful=i % 2 == 0) for i in range(16)]
+    harmful = np.array([t.labels["harmful"] for t in ts])
+    groups = np.arange(16) // 2  # 8 groups, each with one harmful and one benign transcript
+    return aligned, finetuned, ts, harmful, groups
+
+
+def test_comparison_runs_end_to_end_with_every_field(setup):
+    aligned, finetuned, ts, harmful, groups = setup
+    acts = cache_conditions(aligned, finetuned, ts, PREFIX, progress=False)
+    refused = {c: harmful.copy() for c in CONDITIONS}
+    refused["finetuned"] = np.zeros(16, dtype=bool) | (np.arange(16) == 0) | (np.arange(16) == 2)
+    res = compare(acts, harmful, groups, refused, C=1.0, test_size=0.5)
+    assert [r["layer"] for r in res.layers] == [0, 1, 2]
+    rec = res.layer(1)
+    for key in ("aligned", "finetuned", "prefix", "transfer_to_finetuned", "transfer_to_prefix"):
+        assert 0.0 <= rec[key]["acc"] <= 1.0 and 0.0 <= rec[key]["auroc"] <= 1.0
+    for c in CONDITIONS:
+        d = rec["decision_logit"][c]
+        assert d["low"] <= d["value"] <= d["high"]
+    n_prefix = len(aligned.tokenizer(PREFIX, add_special_tokens=False)["input_ids"])
+    assert len(res.prefix_logits) == 3 and len(res.prefix_logits[0]["positions"]) == n_prefix
+    assert res.logit_probe == "refusal" and res.n_train + res.n_test == 16
+    assert '"transfer_to_prefix"' in res.to_json()
+
+
+def test_transfer_to_the_same_model_equals_the_within_model_probe(setup):
+    aligned, _, ts, harmful, groups = setup
+    acts = cache_conditions(aligned, aligned, ts, PREFIX, progress=False)
+    res = compare(acts, harmful, groups, C=1.0, test_size=0.5)
+    for rec in res.layers:
+        assert rec["transfer_to_finetuned"] == rec["aligned"]
+        assert rec["direction"]["cosine_aligned_finetuned"] == pytest.approx(1.0)
+        assert rec["decision_logit"]["aligned"] == rec["decision_logit"]["finetuned"]
+    assert res.logit_probe == "harmful"
+
+
+def test_mismatched_inputs_are_named(setup):
+    aligned, finetuned, ts, harmful, groups = setup
+    acts = cache_conditions(aligned, finetuned, ts[:4], PREFIX, progress=False)
+    with pytest.raises(ValueError, match=r"harmful and groups must be \[n=4\]"):
+        compare(acts, harmful, groups)
+    with pytest.raises(ValueError, match="lacks conditions"):
+        compare({"aligned": acts["aligned"]}, harmful[:4], groups[:4])
