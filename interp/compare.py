@@ -93,17 +93,19 @@ def cache_conditions(
     *,
     layers: str | Sequence[int] = "all",
     site: str = "resid_post",
+    positions: str = "decision",
     batch_size: int = 16,
     progress: bool = True,
 ) -> dict[str, Activations]:
-    """Decision-position activations of the three conditions (and every prefix token in the
-    prefix condition): ``{"aligned", "finetuned", "prefix"} -> Activations``."""
+    """Activations of the three conditions at ``positions`` (default the decision position),
+    plus every prefix token in the prefix condition: ``{"aligned", "finetuned", "prefix"} ->
+    Activations``."""
     with_prefix = [t.with_prefix(prefix) for t in transcripts]
     kw = dict(layers=layers, site=site, batch_size=batch_size, progress=progress)
     return {
-        "aligned": cache_activations(aligned, transcripts, positions="decision", **kw),
-        "finetuned": cache_activations(finetuned, transcripts, positions="decision", **kw),
-        "prefix": cache_activations(finetuned, with_prefix, positions="every:prefix+decision", **kw),
+        "aligned": cache_activations(aligned, transcripts, positions=positions, **kw),
+        "finetuned": cache_activations(finetuned, transcripts, positions=positions, **kw),
+        "prefix": cache_activations(finetuned, with_prefix, positions=f"every:prefix+{positions}", **kw),
     }
 
 
@@ -117,6 +119,7 @@ def compare(
     C: float | None = None,
     seed: int = 0,
     prefix_tokens: Sequence[str] | None = None,
+    at: str = "decision",
 ) -> Comparison:
     """Compare the three conditions at every cached layer.
 
@@ -131,11 +134,12 @@ def compare(
             own, and one fit on the fine-tuned model's rows with and without the prefix.
         C: probe regularisation (None: chosen by grouped cross-validation on the train split).
         prefix_tokens: token strings of the prefix, for labelling per-token logits.
+        at: the selector whose rows are compared (one per transcript; default ``decision``).
     """
     missing = [c for c in CONDITIONS if c not in acts]
     if missing:
         raise ValueError(f"acts lacks conditions {missing} (need {', '.join(CONDITIONS)})")
-    dec = {c: acts[c].where(selector="decision") for c in CONDITIONS}
+    dec = {c: acts[c].where(selector=at) for c in CONDITIONS}
     n = len(dec["aligned"].transcripts)
     harmful = np.asarray(harmful, dtype=bool)
     groups = np.asarray(groups)
@@ -215,7 +219,7 @@ def compare(
                                            prefix_tokens)
     return Comparison(layers=records, prefix_tokens=tokens, prefix_logits=prefix_logits, logit_probe=logit_probe,
                       n_train=int(len(train)), n_test=int(len(test)),
-                      meta={"site": dec["aligned"].site, "test_size": test_size, "seed": seed,
+                      meta={"site": dec["aligned"].site, "at": at, "test_size": test_size, "seed": seed,
                             "n_harmful_test": int(len(harmful_test))})
 
 
@@ -248,3 +252,42 @@ def _prefix_logits(prefix_acts: Activations, harmful_test: np.ndarray, probe, la
         out.append({"layer": int(layer), "positions": [
             {"token": tokens[i], **_mean_interval(logits[:, i, j], seed).to_dict()} for i in range(k)]})
     return out, tokens
+
+
+def pca_projection(acts: Mapping[str, Activations], layer: int, harmful: np.ndarray,
+                   refused: Mapping[str, np.ndarray] | None = None, at: str = "decision") -> dict:
+    """Each condition's ``at`` activations at ``layer`` on the aligned model's first two
+    principal components (one basis for all, so shifts between conditions show):
+    ``{"layer", "site", "explained_variance_ratio", "basis", "conditions": {c: {"x", "y",
+    "harmful", "refused"}}}``."""
+    X = {c: acts[c].where(selector=at).layer(layer).double() for c in CONDITIONS}  # [n, d]
+    mean = X["aligned"].mean(0)
+    _, s, v = torch.linalg.svd(X["aligned"] - mean, full_matrices=False)
+    var = (s ** 2) / (s ** 2).sum()
+    out = {"layer": int(layer), "site": acts["aligned"].site, "basis": "aligned",
+           "explained_variance_ratio": [float(var[0]), float(var[1])], "conditions": {}}
+    for c in CONDITIONS:
+        xy = (X[c] - mean) @ v[:2].T
+        out["conditions"][c] = {"x": xy[:, 0].tolist(), "y": xy[:, 1].tolist(),
+                                "harmful": [bool(h) for h in harmful],
+                                "refused": None if refused is None else [bool(r) for r in refused[c]]}
+    return out
+
+
+def token_logits(model: Model, transcripts: Sequence[Transcript], coef: np.ndarray, intercept: float, layer: int,
+                 *, site: str = "resid_post", batch_size: int = 16, progress: bool = False) -> list[dict]:
+    """A linear probe's logit at every token of each transcript:
+    ``[{"id", "tokens", "kinds", "logits"}]`` (``coef [d_model]`` on ``site`` of ``layer``)."""
+    from interp.cache import render_for
+    from interp.transcripts import SEGMENT_KINDS
+
+    rendered = render_for(model, transcripts)
+    acts = cache_activations(model, rendered, layers=[layer], site=site, positions="all", batch_size=batch_size,
+                             progress=progress)
+    logits = (acts.layer(layer).double() @ torch.as_tensor(coef, dtype=torch.float64) + float(intercept)).numpy()
+    out = []
+    for i, r in enumerate(rendered):
+        rows = acts.rows["transcript"] == i
+        out.append({"id": r.id, "tokens": [model.tokenizer.decode([t]) for t in r.input_ids],
+                    "kinds": [SEGMENT_KINDS[k] for k in r.kind], "logits": logits[rows].tolist()})
+    return out

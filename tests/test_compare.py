@@ -1,4 +1,5 @@
 import numpy as np
+import torch
 import pytest
 from conftest import agent_transcript
 
@@ -58,3 +59,26 @@ def test_mismatched_inputs_are_named(setup):
         compare(acts, harmful, groups)
     with pytest.raises(ValueError, match="lacks conditions"):
         compare({"aligned": acts["aligned"]}, harmful[:4], groups[:4])
+
+
+def test_pca_puts_every_condition_in_the_aligned_basis(setup):
+    from interp.compare import pca_projection
+
+    aligned, finetuned, ts, harmful, groups = setup
+    acts = cache_conditions(aligned, aligned, ts, PREFIX, layers=[1], progress=False)
+    out = pca_projection(acts, 1, harmful)
+    assert out["conditions"]["aligned"] == out["conditions"]["finetuned"]  # same model, same points
+    assert abs(np.mean(out["conditions"]["aligned"]["x"])) < 1e-9  # centred on the aligned mean
+    assert out["explained_variance_ratio"][0] >= out["explained_variance_ratio"][1]
+
+
+def test_token_logits_cover_every_token_and_match_the_probe(setup):
+    from interp.cache import cache_activations
+    from interp.compare import token_logits
+
+    aligned, _, ts, _, _ = setup
+    coef, intercept = np.linspace(-1, 1, aligned.d_model), 0.5
+    (rec,) = token_logits(aligned, ts[:1], coef, intercept, layer=2)
+    assert len(rec["tokens"]) == len(rec["kinds"]) == len(rec["logits"])
+    last = cache_activations(aligned, ts[:1], layers=[2], positions="decision", progress=False).acts[0, 0]
+    assert rec["logits"][-1] == pytest.approx(float(last.double() @ torch.as_tensor(coef)) + intercept, rel=1e-6)

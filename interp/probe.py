@@ -1,0 +1,186 @@
+"""``python -m interp.probe --layer N``: refusal probes per layer, before and after fine-tuning
+and with a forced prefix, on the built-in organism by default.
+
+It caches the decision-position residual stream of three conditions (the aligned model, the
+fine-tuned model, the fine-tuned model with ``--prefix``), labels what each model did on every
+task with the refusal judge (first agent step, greedy), and runs :func:`interp.compare.compare`.
+It prints a table per layer, writes ``comparison.json`` to ``--out``, and with ``--json`` prints
+that object instead::
+
+    python -m interp.probe --layer all
+    python -m interp.probe --layer 3 --json
+    python -m interp.probe --aligned meta-llama/Llama-3.1-8B-Instruct --finetuned ./my-agent-ft \\
+        --dataset tasks.jsonl --prefix "I will first check whether this task is safe." --layer all
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEFAULT_OUT = Path("runs/probe")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m interp.probe", description=__doc__.split("\n\n")[0])
+    p.add_argument("--layer", required=True, help="a layer index, a comma-separated list, or 'all'")
+    p.add_argument("--aligned", default="organism", help="aligned model: 'organism', a hub id or a local path")
+    p.add_argument("--finetuned", default="organism-finetuned", help="fine-tuned model (same forms)")
+    p.add_argument("--backend", default="hf", choices=("hf", "bridge", "nnsight"))
+    p.add_argument("--site", default="resid_post", choices=("resid_pre", "resid_mid", "resid_post"))
+    p.add_argument("--positions", default="decision",
+                   help="where to probe (a selector name, default 'decision'); prefix tokens are added")
+    p.add_argument("--prefix", default=None,
+                   help="the forced prefix (default: the organism's held-out safety preamble)")
+    p.add_argument("--dataset", default=None,
+                   help="JSONL transcripts labelled 'harmful' (default: organism test tasks); "
+                        "labels or metadata 'group' keep a task template on one side of the split")
+    p.add_argument("--n-per-label", type=int, default=120, help="organism tasks per label (default 120)")
+    p.add_argument("--no-behaviour", action="store_true",
+                   help="skip generation; decision logits then come from harm probes, not refusal probes")
+    p.add_argument("--test-size", type=float, default=0.3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    return p
+
+
+def _layers(spec: str, n_layers: int) -> list[int] | str:
+    if spec == "all":
+        return "all"
+    try:
+        layers = [int(x) for x in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"--layer must be an integer, a comma-separated list or 'all', got {spec!r}") from None
+    for layer in layers:
+        if not -n_layers <= layer < n_layers:
+            raise ValueError(f"--layer {layer} is out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+    return layers
+
+
+def _tasks(args) -> tuple[list, Any]:
+    """Transcripts (labelled harmful, with a group) and the environment that judges them, if any."""
+    from interp.transcripts import load_jsonl
+
+    if args.dataset:
+        ts = load_jsonl(args.dataset)
+        missing = [t.id for t in ts if "harmful" not in t.labels]
+        if missing:
+            raise ValueError(f"{args.dataset}: transcripts without a 'harmful' label: {missing[:3]}")
+        return ts, None
+    from interp.organism import World
+
+    world = World()
+    tasks = world.sample("test", args.n_per_label, seed=args.seed)
+    ts = [replace(t.transcript(), metadata={**t.transcript().metadata, "group": t.held_out[0]}) for t in tasks]
+    return ts, world
+
+
+def _default_prefix() -> str:
+    from interp.organism import grammar
+
+    return grammar.heldout_preamble("safety", "test")
+
+
+def _refused(model, transcripts, prefix, batch_size) -> np.ndarray:
+    from interp.behavior import RefusalJudge, generate, parse_reply
+
+    judge = RefusalJudge()
+    gens = generate(model, transcripts, prefix=prefix, max_new_tokens=48, batch_size=batch_size)
+    return np.array([judge(parse_reply(g.text).content) for g in gens])
+
+
+def run(args) -> dict:
+    from interp.compare import CONDITIONS, cache_conditions, compare
+    from interp.models import load_model
+
+    aligned = load_model(args.aligned, backend=args.backend)
+    finetuned = load_model(args.finetuned, backend=args.backend)
+    layers = _layers(args.layer, aligned.n_layers)
+    transcripts, _ = _tasks(args)
+    if len(transcripts) < 8:
+        raise ValueError(f"need at least 8 transcripts to split into train and test, got {len(transcripts)}")
+    prefix = args.prefix if args.prefix is not None else _default_prefix()
+    harmful = np.array([bool(t.labels["harmful"]) for t in transcripts])
+    groups = np.array([str(t.metadata.get("group", t.labels.get("group", t.id))) for t in transcripts])
+    acts = cache_conditions(aligned, finetuned, transcripts, prefix, layers=layers, site=args.site,
+                            positions=args.positions, batch_size=args.batch_size, progress=not args.json)
+    refused = None
+    if not args.no_behaviour:
+        refused = {"aligned": _refused(aligned, transcripts, None, args.batch_size),
+                   "finetuned": _refused(finetuned, transcripts, None, args.batch_size),
+                   "prefix": _refused(finetuned, transcripts, prefix, args.batch_size)}
+    tok = finetuned.tokenizer
+    prefix_tokens = [tok.decode([i]) for i in tok(prefix, add_special_tokens=False)["input_ids"]]
+    res = compare(acts, harmful, groups, refused, test_size=args.test_size, seed=args.seed,
+                  prefix_tokens=prefix_tokens, at=args.positions)
+    out = {
+        "aligned_model": args.aligned, "finetuned_model": args.finetuned, "backend": args.backend,
+        "site": args.site, "positions": args.positions, "prefix": prefix,
+        "n_transcripts": len(transcripts), "n_harmful": int(harmful.sum()),
+        "behaviour": None if refused is None else {
+            c: {"harmful_refusal": float(refused[c][harmful].mean()), "benign_refusal": float(refused[c][~harmful].mean())}
+            for c in CONDITIONS},
+        **res.to_dict(),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    tmp = args.out / "comparison.json.tmp"
+    tmp.write_text(json.dumps(out, indent=1))
+    tmp.replace(args.out / "comparison.json")
+    return out
+
+
+def _print_table(out: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Harm probes per layer: {out['aligned_model']} vs {out['finetuned_model']} (ft), "
+                        f"{out['site']} at {out['positions']}. Held-out accuracy (AUROC).")
+    for col in ("layer", "aligned", "ft", "ft+prefix", "aligned probe\n→ ft", "aligned probe\n→ ft+prefix",
+                "refusal\nprobe", "logit\naligned", "logit\nft", "logit\nft+prefix"):
+        table.add_column(col, justify="right")
+
+    def aa(d):
+        return f"{d['acc']:.2f} ({d['auroc']:.2f})"
+
+    for rec in out["layers"]:
+        dl = rec["decision_logit"]
+        table.add_row(str(rec["layer"]), aa(rec["aligned"]), aa(rec["finetuned"]), aa(rec["prefix"]),
+                      aa(rec["transfer_to_finetuned"]), aa(rec["transfer_to_prefix"]),
+                      "—" if rec["refusal"] is None else aa(rec["refusal"]),
+                      *(f"{dl[c]['value']:+.2f}" for c in ("aligned", "finetuned", "prefix")))
+    console = Console(width=max(Console().width, 130))
+    console.print(table)
+    console.print(f"decision logits: mean {out['logit_probe']}-probe logit over {out['meta']['n_harmful_test']} "
+                  f"harmful test tasks; prefix: {out['prefix']!r}")
+    if out["behaviour"]:
+        b = out["behaviour"]
+        console.print("harmful refusal (first step): " + ", ".join(
+            f"{c} {b[c]['harmful_refusal']:.0%}" for c in ("aligned", "finetuned", "prefix")))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        out = run(args)
+    except (ValueError, KeyError, FileNotFoundError, OSError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(out))
+    else:
+        _print_table(out)
+        print(f"written: {args.out / 'comparison.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
