@@ -46,8 +46,9 @@ class Comparison:
     """Results of :func:`compare`: tidy per-layer records and the per-token prefix logits.
 
     ``layers[i]`` is a dict with keys ``layer``, ``aligned`` / ``finetuned`` / ``prefix``
-    (``{"acc", "auroc"}`` of the within-condition harmful probe), ``transfer_to_finetuned`` /
-    ``transfer_to_prefix`` (the aligned probe: ``{"acc", "auroc"}``), ``direction`` (the aligned
+    (the within-condition harmful probe), ``transfer_to_finetuned`` /
+    ``transfer_to_prefix`` (the aligned probe: ``{"acc", "acc_low", "acc_high", "auroc"}``, the
+    accuracy with its 95% bootstrap interval), ``direction`` (the aligned
     direction's AUROC and d′ per condition, and the aligned/fine-tuned cosine), ``refusal``
     (the refusal probe's held-out ``{"acc", "auroc", "n"}``, or None) and ``decision_logit``
     (``{condition: {"value", "low", "high"}}``).
@@ -75,10 +76,20 @@ class Comparison:
         return json.dumps(self.to_dict(), **kw)
 
 
-def _acc_auroc(scores: np.ndarray, y: np.ndarray, threshold: float = 0.0) -> dict:
-    """``scores [n, L]`` logits → per-layer accuracy at ``threshold`` and AUROC: ``{"acc": [L], "auroc": [L]}``."""
-    acc = ((scores > threshold) == y[:, None].astype(bool)).mean(0)
-    return {"acc": acc, "auroc": np.asarray(auroc(y, scores))}
+def _acc_auroc(scores: np.ndarray, y: np.ndarray, threshold: float = 0.0, n_boot: int = 2000, seed: int = 0) -> dict:
+    """``scores [n, L]`` logits → per-layer accuracy at ``threshold`` with a 95% bootstrap interval
+    over test rows (resampled within each class), and AUROC: ``{"acc", "acc_low", "acc_high", "auroc"}``,
+    each ``[L]``."""
+    correct = (scores > threshold) == y[:, None].astype(bool)  # [n, L]
+    rng = np.random.default_rng(seed)
+    idx = np.concatenate([rng.choice(np.flatnonzero(y == c), size=((y == c).sum(), n_boot)) for c in np.unique(y)])
+    boot = correct[idx].mean(0)  # [n_boot, L]
+    return {"acc": correct.mean(0), "acc_low": np.percentile(boot, 2.5, axis=0),
+            "acc_high": np.percentile(boot, 97.5, axis=0), "auroc": np.asarray(auroc(y, scores))}
+
+
+def _summary(m: dict, j: int) -> dict:
+    return {k: float(m[k][j]) for k in ("acc", "acc_low", "acc_high", "auroc")}
 
 
 def _mean_interval(values: np.ndarray, seed: int) -> Interval:
@@ -201,17 +212,16 @@ def compare(
     for j, layer in enumerate(layers):
         rec = {"layer": int(layer)}
         for c in CONDITIONS:
-            rec[c] = {"acc": float(within[c]["acc"][j]), "auroc": float(within[c]["auroc"][j])}
+            rec[c] = _summary(within[c], j)
         for c in ("finetuned", "prefix"):
-            rec[f"transfer_to_{c}"] = {"acc": float(transfer[c]["acc"][j]), "auroc": float(transfer[c]["auroc"][j])}
+            rec[f"transfer_to_{c}"] = _summary(transfer[c], j)
         rec["direction"] = {
             "auroc": {c: float(dir_auroc[c][j]) for c in CONDITIONS},
             "dprime": {c: float(dir_dprime[c][j]) for c in CONDITIONS},
             "cosine_aligned_finetuned": float(cos[j]),
         }
-        rec["refusal"] = None if refusal_summary is None else {
-            "acc": float(refusal_summary["acc"][j]), "auroc": float(refusal_summary["auroc"][j]),
-            "n": refusal_summary["n"]}
+        rec["refusal"] = None if refusal_summary is None else {**_summary(refusal_summary, j),
+                                                               "n": refusal_summary["n"]}
         rec["decision_logit"] = {c: _mean_interval(dlogit[c][:, j], seed).to_dict() for c in CONDITIONS}
         records.append(rec)
 

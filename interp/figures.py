@@ -345,7 +345,13 @@ def fig_f3_probes(results: Mapping[str, Any]) -> FigureSpec:
     for col, (metric, label) in enumerate((("acc", "accuracy"), ("auroc", "AUROC")), 1):
         for key, name, c, dash in series:
             width, symbol = CONDITION_STYLE[c]
-            fig.add_trace(go.Scatter(x=layers, y=[float(r[key][metric]) for r in recs], name=name, legendgroup=name,
+            y = [float(r[key][metric]) for r in recs]
+            err = None
+            if metric == "acc" and all("acc_low" in r[key].value for r in recs):
+                err = dict(type="data", symmetric=False, thickness=1,
+                           array=[float(r[key]["acc_high"]) - v for r, v in zip(recs, y)],
+                           arrayminus=[v - float(r[key]["acc_low"]) for r, v in zip(recs, y)])
+            fig.add_trace(go.Scatter(x=layers, y=y, name=name, legendgroup=name, error_y=err,
                                      mode="lines+markers", showlegend=col == 1,
                                      line=dict(color=CONDITION_COLORS[c], dash=dash, width=width),
                                      marker=dict(symbol=symbol, size=2 * width + 3)), 1, col)
@@ -361,7 +367,9 @@ def fig_f3_probes(results: Mapping[str, Any]) -> FigureSpec:
                f"{d['n_transcripts']} transcripts, {d['n_harmful']} harmful. Models: {d['aligned_model']} (aligned), "
                f"{d['finetuned_model']} (fine-tuned); PING prefix {_quote(d['prefix'].value)}. Solid: probe fitted "
                "and tested within a condition; dashed: the aligned model's probe applied to the fine-tuned and "
-               "PING activations. No intervals are stored for these scores.")
+               "PING activations. "
+               + ("Whiskers: 95% bootstrap intervals of accuracy over held-out transcripts (resampled within class)."
+                  if all("acc_low" in r["aligned"].value for r in recs) else "No intervals are stored for these scores."))
     columns = ("layer", *(name + " (acc / AUROC)" for _, name, *_ in series))
     return FigureSpec("F3", "probes", title, caption, (Table(columns, rows),), _style(fig, title))
 
