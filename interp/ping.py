@@ -146,7 +146,7 @@ def generations_to_reach(history: Sequence[PrefixScore], target: float) -> int |
 def run_ping(generator: PrefixGenerator, scorer: Scorer, *, rounds: int = 20, per_round: int = 5,
              tau: float = 1.5, top_k: int = 3, history_path: str | Path | None = None, seed: int = 0,
              screen: Screen | None = None, oversample: int = 1, max_attempts: int = 3,
-             progress: bool = True) -> PingResult:
+             stop_at: float | None = None, progress: bool = True) -> PingResult:
     """Run the PING search and return the best prefix with the full history.
 
     Each round the generator is asked for ``per_round * oversample`` new candidates (at most
@@ -157,6 +157,10 @@ def run_ping(generator: PrefixGenerator, scorer: Scorer, *, rounds: int = 20, pe
     closing the round; on restart, closed rounds are read back, not re-scored, and a round cut
     short is replayed, reusing the scores it already has. ``rounds`` may grow between restarts;
     the other settings must stay the same.
+
+    With ``stop_at``, the run ends as soon as a candidate scores at least that much: the round
+    is closed with the candidates scored so far (a restart does not go on past it). This is how
+    a second run is timed against a first one's best score (:func:`generations_to_reach`).
     """
     for name, value in dict(rounds=rounds, per_round=per_round, top_k=top_k, oversample=oversample,
                             max_attempts=max_attempts).items():
@@ -173,8 +177,11 @@ def run_ping(generator: PrefixGenerator, scorer: Scorer, *, rounds: int = 20, pe
     out = None if path is None else open(path, "a", encoding="utf-8")
     bar = tqdm(total=rounds * per_round, initial=len(history), desc="PING", unit="prefix",
                disable=not progress)
+    reached = stop_at is not None and any(p.score >= stop_at - _EPS for p in history)
     try:
         for r in range(done + 1, rounds + 1):
+            if reached:
+                break
             best = max(history, key=lambda p: p.score, default=None)
             shown = best is not None and r >= 2 and best.score >= tau - _EPS
             feedback = Feedback.from_history(history, top_k) if shown else None
@@ -201,6 +208,7 @@ def run_ping(generator: PrefixGenerator, scorer: Scorer, *, rounds: int = 20, pe
                     raise PingError(f"screen returned {len(values)} values for {len(pool)} candidates")
                 order.sort(key=lambda i: -values[i])  # stable: ties keep proposal order
                 screened += len(pool)
+            scored = 0
             for i in order[:per_round]:
                 record = partial.pop(prefix_key(pool[i]), None)  # scored before the run was cut short
                 if record is None:
@@ -208,11 +216,15 @@ def run_ping(generator: PrefixGenerator, scorer: Scorer, *, rounds: int = 20, pe
                 _append(out, _candidate_line(record))
                 history.append(record)
                 seen.add(prefix_key(record.prefix))
+                scored += 1
                 bar.update(1)
                 bar.set_postfix(round=r, best=f"{max(p.score for p in history):.3f}")
+                if stop_at is not None and record.score >= stop_at - _EPS:
+                    reached = True
+                    break
             _append(out, json.dumps({"kind": "round", "round": r, "feedback": feedback is not None,
-                                     "screened": len(pool) if screen else 0,
-                                     "scored": min(per_round, len(pool))}))
+                                     "screened": len(pool) if screen else 0, "scored": scored,
+                                     **({"stopped_at": stop_at} if reached else {})}))
     finally:
         bar.close()
         if out is not None:
@@ -359,3 +371,14 @@ class StaticGenerator:
 
     def propose(self, request: Request) -> list[str]:
         return list(self.prefixes)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m interp.ping``: the search on the built-in organism (see :mod:`interp.ping_cli`)."""
+    from interp.ping_cli import main as cli
+
+    cli(argv)
+
+
+if __name__ == "__main__":
+    main()

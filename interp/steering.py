@@ -9,18 +9,23 @@ same model)::
     with ablate_direction(model, refusal_dir):
         replies = generate(model, transcripts)       # does the aligned model stop refusing?
 
+:func:`coefficient_sweep` runs a measurement at each of several coefficients.
+
 A direction is ``[d_model]`` (the same at every layer) or ``[n_layers, d_model]`` (row ``i`` at
 layer ``i``); it is unit-normalised here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
 
 from interp.models import Model, _first_tensor, _mid_norm_name
+
+T = TypeVar("T")
 
 
 def _unit(direction: torch.Tensor, layer: int) -> torch.Tensor:
@@ -114,3 +119,18 @@ def residual_projection(model: Model, input_ids: torch.Tensor, attention_mask: t
     got = model.residual(input_ids, attention_mask, layers, site)
     layers = sorted(set(model.check_layers(list(layers), site)))
     return torch.stack([_first_tensor(got[i]).float() @ _unit(direction, i).to(got[i].device) for i in layers], -1)
+
+
+def coefficient_sweep(model: Model, direction: torch.Tensor, layers: Sequence[int], coefficients: Sequence[float],
+                      measure: Callable[[], T]) -> list[tuple[float, T]]:
+    """``measure()`` under :func:`add_direction` at each coefficient, in the order given:
+    ``[(coefficient, result), ...]``. Report what steering costs, not only what it buys: let
+    ``measure`` return benign success as well as harmful refusal::
+
+        sweep = coefficient_sweep(model, r, [2], [0, 4, 8], lambda: evaluate(model, env, tasks).rates)
+    """
+    out = []
+    for c in coefficients:
+        with add_direction(model, direction, layers, float(c)):
+            out.append((float(c), measure()))
+    return out

@@ -165,6 +165,27 @@ def test_generations_to_reach_counts_scored_candidates_up_to_the_first_hit():
     assert generations_to_reach(history[:2], 2.0) is None
 
 
+def test_stop_at_ends_the_run_at_the_first_candidate_reaching_it_and_closes_its_round(tmp_path):
+    gen = StaticGenerator(["b0.5 r0.5 a", "b1 r0.5 b", "b1 r1 c", "b0.5 r0 d", "b1 r1 e"])
+    path = tmp_path / "ping.jsonl"
+    scorer = CountingScorer()
+    res = run_ping(gen, scorer, rounds=3, per_round=2, tau=3.0, stop_at=2.0, history_path=path, progress=False)
+    assert scorer.calls == ["b0.5 r0.5 a", "b1 r0.5 b", "b1 r1 c"]
+    assert generations_to_reach(res.history, 2.0) == 3
+    closing = [json.loads(line) for line in path.read_text().splitlines()][-1]
+    assert closing == {"kind": "round", "round": 2, "feedback": False, "screened": 0, "scored": 1, "stopped_at": 2.0}
+
+
+def test_a_run_restarted_after_reaching_stop_at_scores_nothing_more(tmp_path):
+    gen = StaticGenerator(["b1 r1 a", "b0 r0 b", "b0 r0 c"])
+    path = tmp_path / "ping.jsonl"
+    run_ping(gen, rates, rounds=3, per_round=1, stop_at=2.0, history_path=path, progress=False)
+    scorer = CountingScorer()
+    res = run_ping(gen, scorer, rounds=3, per_round=1, stop_at=2.0, history_path=path, progress=False)
+    assert scorer.calls == []
+    assert [p.prefix for p in res.history] == ["b1 r1 a"]
+
+
 # --------------------------------------------------------------------------------------------
 # Screen hook
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from interp.models import load_model
-from interp.steering import ablate_direction, add_direction, project_out, residual_projection
+from interp.steering import ablate_direction, add_direction, coefficient_sweep, project_out, residual_projection
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
@@ -67,3 +67,36 @@ def test_a_direction_of_the_wrong_shape_is_named(model):
     with pytest.raises(ValueError, match=r"direction must be \[d_model=64\]"):
         with add_direction(model, torch.ones(7), layers=[0], coefficient=1.0):
             pass
+
+
+@pytest.fixture(scope="module")
+def organism():
+    from interp.organism import checkpoint_path
+
+    return load_model(checkpoint_path("organism-finetuned"))
+
+
+def test_steering_the_organism_with_coefficient_zero_leaves_its_replies_unchanged(organism):
+    from interp.behavior import generate
+    from interp.organism import World
+
+    ts = [t.transcript() for t in World(0).sample("validation", 2)]
+    torch.manual_seed(3)
+    r = torch.randn(organism.d_model)
+    before = generate(organism, ts, max_new_tokens=24)
+    with add_direction(organism, r, layers=[1, 2], coefficient=0.0):
+        during = generate(organism, ts, max_new_tokens=24)
+    assert [g.completion_ids for g in during] == [g.completion_ids for g in before]
+
+
+def test_coefficient_sweep_measures_under_each_coefficient_in_order(model):
+    ids, mask = batch()
+    r = torch.zeros(model.d_model)
+    r[0] = 1.0
+    base = model.residual(ids, mask, [1], "resid_pre")[1][..., 0]
+    got = coefficient_sweep(model, r, [1], [0, 2.5, -1],
+                            lambda: model.residual(ids, mask, [1], "resid_pre")[1][..., 0])
+    assert [c for c, _ in got] == [0.0, 2.5, -1.0]
+    for c, x in got:
+        torch.testing.assert_close(x - base, torch.full_like(base, c), atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.residual(ids, mask, [1], "resid_pre")[1][..., 0], base)  # hooks removed
