@@ -52,6 +52,10 @@ class Comparison:
     direction's AUROC and d′ per condition, and the aligned/fine-tuned cosine), ``refusal``
     (the refusal probe's held-out ``{"acc", "auroc", "n"}``, or None) and ``decision_logit``
     (``{condition: {"value", "low", "high"}}``).
+
+    ``probes`` holds the fitted :class:`probes.LayerProbes`: ``harmful_{condition}`` and
+    ``logit_{condition}`` (the probe behind each condition's decision logits), for reuse (token
+    logits, attribution metrics); ``split`` the train and test rows.
     """
 
     layers: list[dict]
@@ -61,6 +65,8 @@ class Comparison:
     n_train: int
     n_test: int
     meta: Mapping[str, Any] = field(default_factory=dict)
+    probes: Mapping[str, Any] = field(default_factory=dict)  # fitted LayerProbes (not serialised)
+    split: tuple[np.ndarray, np.ndarray] | None = None  # train and test row indices
 
     def layer(self, layer: int) -> dict:
         for rec in self.layers:
@@ -230,7 +236,10 @@ def compare(
     return Comparison(layers=records, prefix_tokens=tokens, prefix_logits=prefix_logits, logit_probe=logit_probe,
                       n_train=int(len(train)), n_test=int(len(test)),
                       meta={"site": dec["aligned"].site, "at": at, "test_size": test_size, "seed": seed,
-                            "n_harmful_test": int(len(harmful_test))})
+                            "n_harmful_test": int(len(harmful_test))},
+                      probes={**{f"harmful_{c}": probes[c] for c in CONDITIONS},
+                              **{f"logit_{c}": logit_probes[c] for c in CONDITIONS}},
+                      split=(train, test))
 
 
 def _fit_or_none(X, y, fit):

@@ -18,11 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from interp.compare import Comparison
 
 DEFAULT_OUT = Path("runs/probe")
 
@@ -79,8 +81,7 @@ def _tasks(args) -> tuple[list, Any]:
 
     world = World()
     tasks = world.sample("test", args.n_per_label, seed=args.seed)
-    ts = [replace(t.transcript(), metadata={**t.transcript().metadata, "group": t.held_out[0]}) for t in tasks]
-    return ts, world
+    return [t.transcript() for t in tasks], world
 
 
 def _default_prefix() -> str:
@@ -97,44 +98,64 @@ def _refused(model, transcripts, prefix, batch_size) -> np.ndarray:
     return np.array([judge(parse_reply(g.text).content) for g in gens])
 
 
-def run(args) -> dict:
+def comparison(aligned, finetuned, transcripts, prefix: str, *, layers="all", site: str = "resid_post",
+               positions: str = "decision", behaviour: bool = True, test_size: float = 0.3, seed: int = 0,
+               batch_size: int = 32, progress: bool = True) -> tuple[dict, Comparison, dict, dict | None]:
+    """The three-way comparison of two loaded models on labelled transcripts: returns the
+    ``comparison.json`` object, the :class:`~interp.compare.Comparison` (with its fitted probes),
+    the cached activations (``{condition: Activations}``) and what each condition did on every
+    transcript (``{condition: bool array}``, or None without ``behaviour``)."""
     from interp.compare import CONDITIONS, cache_conditions, compare
-    from interp.models import load_model
 
-    aligned = load_model(args.aligned, backend=args.backend)
-    finetuned = load_model(args.finetuned, backend=args.backend)
-    layers = _layers(args.layer, aligned.n_layers)
-    transcripts, _ = _tasks(args)
     if len(transcripts) < 8:
         raise ValueError(f"need at least 8 transcripts to split into train and test, got {len(transcripts)}")
-    prefix = args.prefix if args.prefix is not None else _default_prefix()
     harmful = np.array([bool(t.labels["harmful"]) for t in transcripts])
     groups = np.array([str(t.metadata.get("group", t.labels.get("group", t.id))) for t in transcripts])
-    acts = cache_conditions(aligned, finetuned, transcripts, prefix, layers=layers, site=args.site,
-                            positions=args.positions, batch_size=args.batch_size, progress=not args.json)
+    acts = cache_conditions(aligned, finetuned, transcripts, prefix, layers=layers, site=site,
+                            positions=positions, batch_size=batch_size, progress=progress)
     refused = None
-    if not args.no_behaviour:
-        refused = {"aligned": _refused(aligned, transcripts, None, args.batch_size),
-                   "finetuned": _refused(finetuned, transcripts, None, args.batch_size),
-                   "prefix": _refused(finetuned, transcripts, prefix, args.batch_size)}
+    if behaviour:
+        refused = {"aligned": _refused(aligned, transcripts, None, batch_size),
+                   "finetuned": _refused(finetuned, transcripts, None, batch_size),
+                   "prefix": _refused(finetuned, transcripts, prefix, batch_size)}
     tok = finetuned.tokenizer
     prefix_tokens = [tok.decode([i]) for i in tok(prefix, add_special_tokens=False)["input_ids"]]
-    res = compare(acts, harmful, groups, refused, test_size=args.test_size, seed=args.seed,
-                  prefix_tokens=prefix_tokens, at=args.positions)
+    res = compare(acts, harmful, groups, refused, test_size=test_size, seed=seed,
+                  prefix_tokens=prefix_tokens, at=positions)
     out = {
-        "aligned_model": args.aligned, "finetuned_model": args.finetuned, "backend": args.backend,
-        "site": args.site, "positions": args.positions, "prefix": prefix,
+        "aligned_model": aligned.name, "finetuned_model": finetuned.name, "backend": aligned.backend,
+        "site": site, "positions": positions, "prefix": prefix,
         "n_transcripts": len(transcripts), "n_harmful": int(harmful.sum()),
         "behaviour": None if refused is None else {
             c: {"harmful_refusal": float(refused[c][harmful].mean()), "benign_refusal": float(refused[c][~harmful].mean())}
             for c in CONDITIONS},
         **res.to_dict(),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    tmp = args.out / "comparison.json.tmp"
-    tmp.write_text(json.dumps(out, indent=1))
-    tmp.replace(args.out / "comparison.json")
+    return out, res, acts, refused
+
+
+def run(args) -> dict:
+    from interp.models import load_model
+
+    aligned = load_model(args.aligned, backend=args.backend)
+    finetuned = load_model(args.finetuned, backend=args.backend)
+    layers = _layers(args.layer, aligned.n_layers)
+    transcripts, _ = _tasks(args)
+    prefix = args.prefix if args.prefix is not None else _default_prefix()
+    res, *_ = comparison(aligned, finetuned, transcripts, prefix, layers=layers, site=args.site,
+                           positions=args.positions, behaviour=not args.no_behaviour, test_size=args.test_size,
+                           seed=args.seed, batch_size=args.batch_size, progress=not args.json)
+    out = {**res, "aligned_model": args.aligned, "finetuned_model": args.finetuned}
+    write_json(out, args.out / "comparison.json")
     return out
+
+
+def write_json(obj, path: Path) -> None:
+    """Write ``obj`` as JSON atomically (a temporary file renamed into place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
 
 
 def _print_table(out: dict) -> None:
