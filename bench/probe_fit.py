@@ -15,6 +15,7 @@ Split 75/25 at random (grouped, when ``--activations`` provides groups).
 
     python bench/probe_fit.py                       # full size (~1 GiB of float32 activations)
     python bench/probe_fit.py --n 600 --layers 4 --d 512     # quick
+    python bench/probe_fit.py --organism --n 2000        # the built-in organism's activations
     python bench/probe_fit.py --activations acts.safetensors  # tensors: activations [n, L, d],
                                                               # labels [n], optional groups [n]
 """
@@ -96,6 +97,20 @@ def sklearn_loop(Xtr, ytr, Xte, yte, C: float, tol: float, max_iter: int):
     return time.perf_counter() - start, np.array(accs), np.array(iters), capped
 
 
+def organism_activations(n_per_label: int, seed: int):
+    """``[2 * n_per_label, n_layers, d_model]`` decision-position activations of the fine-tuned
+    organism on training-split tasks, harmful labels, task-template groups."""
+    from interp import cache_activations, load_model
+    from interp.organism import World
+
+    model = load_model("organism-finetuned")
+    ts = [t.transcript() for t in World().sample("train", n_per_label, seed=seed)]
+    acts = cache_activations(model, ts, layers="all", positions="decision", progress=False)
+    X = acts.where(selector="decision").stack().float().numpy()
+    y = np.array([t.labels["harmful"] for t in ts], dtype=np.int64)
+    return X, y, np.array([t.metadata["group"] for t in ts])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -106,6 +121,12 @@ def main() -> None:
     ap.add_argument(
         "--activations",
         help="safetensors file with activations [n, L, d], labels [n], optional groups [n]",
+    )
+    ap.add_argument(
+        "--organism",
+        action="store_true",
+        help="decision-position activations of the built-in fine-tuned organism on --n tasks "
+        "(harmful vs benign, grouped by task template)",
     )
     ap.add_argument("--C", type=float, default=1.0)
     ap.add_argument(
@@ -131,6 +152,9 @@ def main() -> None:
     if args.activations:
         X, y, groups = load_activations(args.activations)
         source = f"{args.activations}"
+    elif args.organism:
+        X, y, groups = organism_activations(args.n // 2, args.seed)
+        source = "organism-finetuned, resid_post at the decision position"
     else:
         X, y = synthetic(args.n, args.layers, args.d, args.seed)
         groups, source = None, "synthetic (anisotropic, planted direction)"
@@ -161,7 +185,8 @@ def main() -> None:
         f"torch threads={torch.get_num_threads()}"
     )
 
-    fit_layer_probes(Xtr[:64, :2, :32], ytr[:64], C=args.C)  # warm-up (thread pools, kernels)
+    warm = np.random.default_rng(0).permutation(len(ytr))[:64]  # both classes, whatever the row order
+    fit_layer_probes(Xtr[warm, :2, :32], ytr[warm], C=args.C)  # warm-up (thread pools, kernels)
     start = time.perf_counter()
     probes = fit_layer_probes(Xtr, ytr, C=args.C, tol=tol_ours)
     t_ours = time.perf_counter() - start
