@@ -268,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     results = a.out / "results"
     if a.fresh:
-        shutil.rmtree(a.out / "ping", ignore_errors=True) if "ping" in stages else None
+        if "ping" in stages:
+            shutil.rmtree(a.out / "ping", ignore_errors=True)
         for s in stages:
             for name in OUTPUTS[s]:
                 (results / name).unlink(missing_ok=True)
