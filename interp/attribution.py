@@ -13,7 +13,12 @@ Two ways to get it:
 - ``method="exact"``: one intervened forward per (segment, layer), batched;
 - ``method="grad"``: attribution patching, the first-order estimate
   ``Σ_{p∈S} (x_{ℓ,p} − b_{ℓ,p}) · ∂metric/∂x_{ℓ,p}`` for every layer and segment from one
-  forward and one backward per transcript (transcripts batched with padding).
+  forward and one backward per transcript (transcripts batched with padding);
+- ``method="ig"``: integrated gradients along the straight path from the baseline to the
+  clean residual stream of each layer (``steps`` midpoints, one forward and backward each per
+  layer): the same sum with the gradient averaged over the path. Its effects add up, over all
+  segments, to the effect of replacing every position (up to the quadrature error), which the
+  one-point gradient does not when the metric saturates.
 
 Baselines: mean ablation (a ``[n_layers, d_model]`` mean residual from :func:`mean_residual`,
 the same vector at every position of a layer), patching from a matched benign transcript, or
@@ -57,7 +62,7 @@ from interp.transcripts import SEGMENT_KINDS, RenderedTranscript, Transcript
 if TYPE_CHECKING:
     from probes import LayerProbes
 
-METHODS = ("exact", "grad")
+METHODS = ("exact", "grad", "ig")
 SITE = "resid_pre"  # where interventions happen: the residual stream entering each block
 
 # --------------------------------------------------------------------------------------------
@@ -288,8 +293,8 @@ def mean_residual(model: Model, transcripts: Sequence[Transcript | RenderedTrans
     count = 0
     for lo in tqdm(range(0, len(rendered), batch_size), desc="mean residual", unit="batch", disable=not progress):
         ids, mask, _ = pad_batch(rendered[lo:lo + batch_size], model.tokenizer.pad_token_id)
-        keep = mask.to(model.device, torch.float64)[..., None]
-        got = model.residual(ids, mask, layers, SITE, gather=lambda x: (x.double() * keep).sum((0, 1)).cpu())
+        keep = mask.to(model.device).bool()[..., None]  # where, not a product: padded rows may hold NaN
+        got = model.residual(ids, mask, layers, SITE, gather=lambda x: torch.where(keep, x.double(), 0).sum((0, 1)).cpu())
         total += torch.stack([got[i] for i in layers])
         count += int(mask.sum())
     return (total / count).float()
@@ -480,6 +485,7 @@ def segment_attributions(
     merge: Collection[str] = (),
     per_token: Collection[str] = (),
     batch_size: int = 16,
+    steps: int = 8,
     progress: bool = True,
 ) -> list[SegmentAttribution]:
     """:func:`segment_attribution` of every transcript. ``baseline`` is one ``[n_layers, d_model]``
@@ -487,11 +493,12 @@ def segment_attributions(
     ``[n_layers, pos, d_model]`` tensor). The grad method batches ``batch_size`` transcripts per
     forward (left-padded; positions from the attention mask; it keeps every layer's activations
     and gradients, so lower it for large models); the exact method runs ``batch_size − 1``
-    interventions of one transcript and a clean reference row per forward."""
+    interventions of one transcript and a clean reference row per forward; the ig method batches
+    like grad and runs ``steps`` forwards and backwards per layer."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r} (expected one of {', '.join(METHODS)})")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if batch_size < 1 or steps < 1:
+        raise ValueError(f"batch_size and steps must be positive, got {batch_size} and {steps}")
     _check_metric(model, metric)
     layers = _resolve_layers(model, metric, layers)
     rendered = render_for(model, transcripts)
@@ -507,7 +514,7 @@ def segment_attributions(
     if method == "exact":
         n_forwards = sum(-(-len(layers) * (len(g) + 1) // max(batch_size - 1, 1)) for g in groups)
     else:
-        n_forwards = -(-len(rendered) // batch_size)
+        n_forwards = -(-len(rendered) // batch_size) * (steps * len(layers) if method == "ig" else 1)
     bar = tqdm(total=n_forwards, desc=f"attribution ({method})", unit="forward", disable=not progress)
     out: list[SegmentAttribution | None] = [None] * len(rendered)
     try:
@@ -520,11 +527,11 @@ def segment_attributions(
             for lo in range(0, len(rendered), batch_size):
                 idx = list(range(lo, min(lo + batch_size, len(rendered))))
                 b = [_baseline_values(model, rendered[k], baselines[k], layers) for k in idx]
-                for k, (clean, effects) in zip(idx, _grad(model, [rendered[k] for k in idx], [decisions[k] for k in idx],
-                                                          metric, layers, [groups[k] for k in idx], b)):
+                got = _grad(model, [rendered[k] for k in idx], [decisions[k] for k in idx], metric, layers,
+                            [groups[k] for k in idx], b, steps if method == "ig" else 0, bar)
+                for k, (clean, effects) in zip(idx, got):
                     out[k] = _record(rendered[k], groups[k], layers, effects, effects.sum(0), clean, decisions[k],
                                      metric, method, baselines[k])
-                bar.update(1)
     finally:
         bar.close()
     return out
@@ -541,6 +548,7 @@ def segment_attribution(
     merge: Collection[str] = (),
     per_token: Collection[str] = (),
     batch_size: int = 16,
+    steps: int = 8,
     progress: bool = False,
 ) -> SegmentAttribution:
     """How much each segment of ``transcript`` drives ``metric`` at its decision position.
@@ -552,8 +560,9 @@ def segment_attribution(
         baseline: a ``[n_layers, d_model]`` mean residual (:func:`mean_residual`; mean ablation),
             a matched benign transcript to patch from (see the module docstring), or the values
             to patch in at every position, ``[n_layers, pos, d_model]``.
-        method: ``"exact"`` (one intervened forward per segment and layer) or ``"grad"``
-            (attribution patching: one forward + one backward for all layers and segments).
+        method: ``"exact"`` (one intervened forward per segment and layer), ``"grad"``
+            (attribution patching: one forward + one backward for all layers and segments) or
+            ``"ig"`` (integrated gradients: ``steps`` forwards + backwards per layer).
         layers: blocks whose input is intervened on (default: every block up to where the
             metric is read; later ones cannot change it and raise).
         merge: segment kinds whose runs are attributed as one segment named for the kind (e.g.
@@ -568,7 +577,8 @@ def segment_attribution(
     if not (isinstance(baseline, torch.Tensor) and baseline.ndim == 2):
         baseline = [baseline]
     return segment_attributions(model, [transcript], metric, baseline=baseline, method=method, layers=layers,
-                                merge=merge, per_token=per_token, batch_size=batch_size, progress=progress)[0]
+                                merge=merge, per_token=per_token, batch_size=batch_size, steps=steps,
+                                progress=progress)[0]
 
 
 def _record(r, groups, layers, effects, total, clean, decision, metric, method, baseline) -> SegmentAttribution:
@@ -610,17 +620,35 @@ def _exact(model, r, decision, metric, layers, groups, baseline, batch_size, bar
     return float(clean), drop[:-1], drop[-1]
 
 
-def _grad(model, rendered, decisions, metric, layers, groups, baselines):
-    """``[(clean, effects [n_groups, n_layers])]`` for a left-padded batch of transcripts."""
+def _grad(model, rendered, decisions, metric, layers, groups, baselines, steps, bar):
+    """``[(clean, effects [n_groups, n_layers])]`` for a left-padded batch of transcripts: the
+    gradient at the clean point (``steps=0``) or averaged over ``steps`` midpoints of the path
+    from the baseline (integrated gradients, one layer at a time)."""
     ids, mask, offsets = pad_batch(rendered, model.tokenizer.pad_token_id, "left")
-    values, acts, grads = metric_gradients(model, ids, mask, torch.as_tensor(decisions) + torch.as_tensor(offsets),
-                                           metric, layers)
+    dec = torch.as_tensor(decisions) + torch.as_tensor(offsets)
+    values, acts, grads = metric_gradients(model, ids, mask, dec, metric, layers)
+    reals = [slice(int(offsets[k]), int(offsets[k]) + len(r)) for k, r in enumerate(rendered)]
+    base = {}
+    for j, i in enumerate(layers):
+        base[i] = acts[i].clone()
+        for k, real in enumerate(reals):
+            base[i][k, real] = baselines[k][j].to(acts[i])
+    if steps:
+        where = torch.as_tensor(mask).bool()
+        for i in layers:
+            total = torch.zeros_like(acts[i])
+            for s in range(steps):
+                point = base[i] + (s + 0.5) / steps * (acts[i] - base[i])
+                v, a = _forward(model, ids, mask, dec, metric, {i: (where, point)}, (i,))
+                total += torch.autograd.grad(v.sum(), a[i])[0]
+                bar.update(1)
+            grads[i] = total / steps
+    else:
+        bar.update(1)
     out = []
-    for k, r in enumerate(rendered):
-        real = slice(int(offsets[k]), int(offsets[k]) + len(r))
-        b = baselines[k]
-        per_pos = torch.stack([((acts[i][k, real].cpu().to(b.dtype) - b[j]) * grads[i][k, real].cpu().to(b.dtype)).sum(-1)
-                               for j, i in enumerate(layers)], -1)  # [pos, n_layers]
+    for k, real in enumerate(reals):
+        per_pos = torch.stack([((acts[i][k, real] - base[i][k, real]) * grads[i][k, real]).sum(-1).cpu()
+                               for i in layers], -1)  # [pos, n_layers]
         effects = torch.stack([per_pos[g.positions].sum(0) for g in groups[k]]).double().numpy()
         out.append((values[k].item(), effects))
     return out

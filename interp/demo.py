@@ -13,9 +13,9 @@ so a killed run started again resumes (``--fresh`` starts over):
    model and the fine-tuned model with the PING prefix (:func:`interp.probe.comparison`), their
    PCA, and the refusal probe's logit on every token -> ``comparison.json``, ``pca.json``,
    ``token_logits.json``;
-4. **attribution**: which segments write the refusal signal (exact patching and the gradient
-   estimate, their rank agreement) and the placement study (the harmful request in the user
-   turn, a tool observation or the system prompt) -> ``attribution.json``;
+4. **attribution**: which segments write the refusal signal (exact mean-ablation, the gradient
+   and integrated-gradient estimates, their rank agreement) and the placement study (the harmful
+   request in the user turn, a tool observation or the system prompt) -> ``attribution.json``;
 5. **figures**: F1-F8 into ``figures/`` (:mod:`interp.figures`).
 
 It ends with a table of the headline numbers.
@@ -163,18 +163,20 @@ def stage_attribution(a, results: Path) -> None:
                                             progress=False)}
     tasks = world.sample("test", a.attribution_n, seed=a.seed + 1)
     out: dict[str, Any] = {"model": "finetuned", "prefix": prefix, "layer": layer}
-    exact, grad = [], []
+    exact, estimates = [], {"grad": [], "ig": []}
     for label, want in (("harmful", True), ("benign", False)):
         ts = [t.transcript().with_prefix(prefix) for t in tasks if t.harmful == want]
         kw = dict(baseline=baselines["finetuned"], merge=("template",), progress=not a.no_progress)
         e = segment_attributions(finetuned, ts, metrics["finetuned"], method="exact", **kw)
-        g = segment_attributions(finetuned, ts, metrics["finetuned"], method="grad", **kw)
         out[label] = kind_effects(e).to_dict()
-        out[f"{label}_grad"] = kind_effects(g).to_dict()
         exact += e
-        grad += g
+        for method in ("grad", "ig"):
+            fast = segment_attributions(finetuned, ts, metrics["finetuned"], method=method, **kw)
+            out[f"{label}_{method}"] = kind_effects(fast).to_dict()
+            estimates[method] += fast
     out["metric"], out["method"] = out["harmful"]["metric"], "exact"
-    out["agreement"] = rank_agreement(exact, grad).to_dict()
+    out["agreement"] = rank_agreement(exact, estimates["grad"]).to_dict()
+    out["agreement_ig"] = rank_agreement(exact, estimates["ig"]).to_dict()
 
     conditions = []
     harmful_tasks = [t for t in tasks if t.harmful]
@@ -239,7 +241,8 @@ def summary(results: Path) -> list[tuple[str, str]]:
     rows.append((f"{comp['logit_probe']} probe logit at the decision position, layer {layer} (harmful tasks)",
                  " / ".join(f"{c} {dl[c]['value']:+.2f}" for c in ("aligned", "finetuned", "prefix"))))
     att = json.loads((results / "attribution.json").read_text())
-    rows.append(("attribution: grad vs exact rank agreement (Spearman, pooled)", f"{att['agreement']['pooled']:.2f}"))
+    rows.append(("attribution: rank agreement with exact patching (Spearman, pooled), gradient / integrated gradients",
+                 f"{att['agreement']['pooled']:.2f} / {att['agreement_ig']['pooled']:.2f}"))
     return rows
 
 

@@ -612,6 +612,9 @@ def fig_f6_attribution(results: Mapping[str, Any]) -> FigureSpec:
     agree = (f" Rank agreement of the gradient method with exact patching (Spearman, pooled over layers): "
              f"{float(agreement['pooled']):.2f}." if agreement is not None and agreement.get("pooled") is not None
              else "")
+    ig = d.get("agreement_ig")
+    if ig is not None and ig.get("pooled") is not None:
+        agree += f" Integrated gradients: {float(ig['pooled']):.2f}."
     placed = ""
     if placement:
         where = ", ".join(dict.fromkeys(f"{c['placement']}" for c in placement["conditions"]))

@@ -15,7 +15,7 @@ from interp.positions import decision
 from interp.transcripts import Message, Transcript
 from probes import fit_layer_probes
 
-METHODS = ("exact", "grad")
+METHODS = ("exact", "grad", "ig")
 
 
 def short(i: int = 0, prefix: str | None = None) -> Transcript:
@@ -169,6 +169,17 @@ def test_the_gradient_method_matches_a_finite_difference_for_a_tiny_ablation(tin
     grad = segment_attribution(model, t, metric, baseline=nudged, method="grad", layers=[1], merge=("template",))
     np.testing.assert_allclose(grad.effects, exact.effects, rtol=1e-3, atol=1e-3 * np.abs(exact.effects).max())
     assert np.abs(exact.effects).max() > 1e-8
+
+
+def test_integrated_gradients_add_up_to_the_effect_of_replacing_every_position(tiny_dirs, refuse_minus_act):
+    model = load_model(tiny_dirs["llama"], dtype=torch.float64)
+    t = short()
+    mean = mean_residual(model, [short(i) for i in range(4)], progress=False)
+    kw = dict(baseline=mean, layers=[0, 1], merge=("template",))
+    exact = segment_attribution(model, t, refuse_minus_act, method="exact", **kw)
+    ig = segment_attribution(model, t, refuse_minus_act, method="ig", steps=64, **kw)
+    np.testing.assert_allclose(ig.effects.sum(0), exact.total, rtol=1e-2, atol=1e-3 * np.abs(exact.total).max())
+    assert ig.method == "ig" and np.abs(exact.total).min() > 1e-3
 
 
 def test_the_clean_value_of_a_probe_metric_is_the_probes_decision_function(model, mean):
