@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from interp.probe import write_json
+from interp.store import save_json
 
 STAGES = ("organism", "ping", "comparison", "attribution", "figures")
 PING_FILES = ("behaviour.json", "ping_history.jsonl", "ping_guided_history.jsonl", "steering.json", "ping.json")
@@ -100,16 +100,16 @@ def stage_comparison(a, results: Path) -> None:
     transcripts = [t.transcript() for t in World().sample("test", a.n_per_label, seed=a.seed)]
     out, res, acts, refused = comparison(aligned, finetuned, transcripts, prefix, seed=a.seed,
                                          progress=not a.no_progress)
-    write_json({**out, "aligned_model": "organism", "finetuned_model": "organism-finetuned"},
+    save_json({**out, "aligned_model": "organism", "finetuned_model": "organism-finetuned"},
                results / "comparison.json")
     layer = _readout_layer(out)
     harmful = np.array([bool(t.labels["harmful"]) for t in transcripts])
-    write_json(pca_projection(acts, layer, harmful, refused), results / "pca.json")
+    save_json(pca_projection(acts, layer, harmful, refused), results / "pca.json")
     probe = res.probes["logit_prefix"]
     i = list(probe.layers_).index(layer)
     coef, intercept = probe.coef_[i], float(probe.intercept_[i])
     test_harmful = [transcripts[k] for k in res.split[1] if harmful[k]]
-    write_json({"layer": layer, "site": out["site"], "probe": out["logit_probe"], "prefix": prefix,
+    save_json({"layer": layer, "site": out["site"], "probe": out["logit_probe"], "prefix": prefix,
                 "conditions": {
                     "finetuned": token_logits(finetuned, test_harmful, coef, intercept, layer),
                     "prefix": token_logits(finetuned, [t.with_prefix(prefix) for t in test_harmful], coef,
@@ -127,9 +127,9 @@ def _readout_layer(comparison: dict) -> int:
 
 def stage_attribution(a, results: Path) -> None:
     from interp.attribution import ProbeLogit, kind_effects, mean_residual, rank_agreement, segment_attributions
-    from interp.behavior import RefusalJudge, generate, parse_reply
     from interp.organism import World
     from interp.organism.placement import PLACEMENTS, placed
+    from interp.probe import refusals
     from probes import fit_layer_probes
 
     aligned, finetuned = _models(a)
@@ -137,11 +137,6 @@ def stage_attribution(a, results: Path) -> None:
     comp = json.loads((results / "comparison.json").read_text())
     layer = _readout_layer(comp)
     world = World()
-    judge = RefusalJudge()
-
-    def refusals(model, ts, p=None) -> np.ndarray:
-        return np.array([judge(parse_reply(g.text).content)
-                         for g in generate(model, ts, prefix=p, max_new_tokens=48, batch_size=32)])
 
     def refusal_probe(model, ts, refused) -> ProbeLogit:
         from interp.cache import cache_activations
@@ -195,7 +190,7 @@ def stage_attribution(a, results: Path) -> None:
                                "harmful_refusal": float(refusals(model, ts, p).mean()), "n": len(ts)})
     out["placement"] = {"layer": 0, "conditions": conditions,
                         "note": "effect of mean-ablating each segment kind from the embeddings on (layer 0)"}
-    write_json(out, results / "attribution.json")
+    save_json(out, results / "attribution.json")
 
 
 def stage_figures(a, results: Path) -> None:

@@ -12,9 +12,7 @@ blocks when it has them (``return_assistant_tokens_mask``), else from the segmen
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
 import shutil
 import tempfile
@@ -28,6 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from interp.store import save_json
 from interp.transcripts import KIND_INDEX, Transcript, TranscriptError, render
 
 END_OF_TURN_TOKENS = ("<|end|>", "<|eot_id|>", "<|im_end|>", "<end_of_turn>", "<|end_of_text|>", "<|endoftext|>")
@@ -331,22 +330,6 @@ def finetune(
 
 # --------------------------------------------------------------------------------------------
 # Files
-
-
-def save_json(obj: Any, path: str | Path) -> Path:
-    """Write JSON atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=False)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def save_checkpoint(model: Any, tokenizer: Any, path: str | Path, metadata: Mapping[str, Any] | None = None) -> Path:

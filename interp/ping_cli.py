@@ -34,6 +34,7 @@ import torch
 
 from interp import ping
 from interp import ping_organism as po
+from interp.store import save_json
 
 DEFAULT_OUT = "runs/ping"
 STEER_MULTIPLES = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
@@ -41,13 +42,6 @@ STEER_MULTIPLES = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def _atomic_json(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _fingerprint(path: Path) -> str:
@@ -102,14 +96,14 @@ class Run:
             if diff:
                 raise SystemExit(f"{self.out} holds a run with other settings ({', '.join(sorted(diff))}); "
                                  "resume with the same arguments or pass another --out")
-        _atomic_json(self.settings, path)
+        save_json(self.settings, path)
 
     def cached(self, name: str, compute) -> Any:
         path = self.cache / f"{name}.json"
         if path.exists():
             return json.loads(path.read_text())
         value = compute()
-        _atomic_json(value, path)
+        save_json(value, path)
         return value
 
     def timed(self, name: str):
@@ -130,7 +124,7 @@ class Run:
         before = json.loads(path.read_text()) if path.exists() else {}
         total = {k: round(before.get(k, 0.0) + self.timings.get(k, 0.0), 1) for k in {*before, *self.timings}}
         total["total"] = round(before.get("total", 0.0) + elapsed, 1)
-        _atomic_json(total, path)
+        save_json(total, path)
         return total
 
 
@@ -349,7 +343,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         {"key": c.key, "label": c.label, "group": c.group, "prefix": c.prefix,
          **{m: results[c.key][m] for m in ("harmful_refusal", "benign_success", "attack_success", "benign_over_refusal")}}
         for c in conds]}
-    _atomic_json(behaviour, run.out / "behaviour.json")
+    save_json(behaviour, run.out / "behaviour.json")
     rates = ("harmful_refusal", "benign_success")
     steering_json = {
         "layers": [steer["layer"]], "site": "resid_pre",
@@ -364,7 +358,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              "after": {k: results["ablate_ping"][k] for k in rates}}],
         "validation_grid": steer["validation_grid"], "split": "test", "mode": a.test_mode,
     }
-    _atomic_json(steering_json, run.out / "steering.json")
+    save_json(steering_json, run.out / "steering.json")
 
     ping_r, ft_r, al_r = results["ping"], results["finetuned"], results["aligned"]
     lost = al_r["harmful_refusal"]["value"] - ft_r["harmful_refusal"]["value"]
@@ -410,7 +404,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "settings": run.settings,
         "timings": run.timings_total(time.time() - t_start),
     }
-    _atomic_json(summary, run.out / "ping.json")
+    save_json(summary, run.out / "ping.json")
     if a.json:
         print(json.dumps(summary))
     else:

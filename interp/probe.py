@@ -90,7 +90,9 @@ def _default_prefix() -> str:
     return grammar.heldout_preamble("safety", "test")
 
 
-def _refused(model, transcripts, prefix, batch_size) -> np.ndarray:
+def refusals(model, transcripts, prefix: str | None = None, batch_size: int = 32) -> np.ndarray:
+    """Whether the model refuses each transcript: its first reply (greedy, ``prefix`` forced),
+    judged by :class:`interp.behavior.RefusalJudge`: ``[n]`` bool."""
     from interp.behavior import RefusalJudge, generate, parse_reply
 
     judge = RefusalJudge()
@@ -115,9 +117,9 @@ def comparison(aligned, finetuned, transcripts, prefix: str, *, layers="all", si
                             positions=positions, batch_size=batch_size, progress=progress)
     refused = None
     if behaviour:
-        refused = {"aligned": _refused(aligned, transcripts, None, batch_size),
-                   "finetuned": _refused(finetuned, transcripts, None, batch_size),
-                   "prefix": _refused(finetuned, transcripts, prefix, batch_size)}
+        refused = {"aligned": refusals(aligned, transcripts, None, batch_size),
+                   "finetuned": refusals(finetuned, transcripts, None, batch_size),
+                   "prefix": refusals(finetuned, transcripts, prefix, batch_size)}
     tok = finetuned.tokenizer
     prefix_tokens = [tok.decode([i]) for i in tok(prefix, add_special_tokens=False)["input_ids"]]
     res = compare(acts, harmful, groups, refused, test_size=test_size, seed=seed,
@@ -136,6 +138,7 @@ def comparison(aligned, finetuned, transcripts, prefix: str, *, layers="all", si
 
 def run(args) -> dict:
     from interp.models import load_model
+    from interp.store import save_json
 
     aligned = load_model(args.aligned, backend=args.backend)
     finetuned = load_model(args.finetuned, backend=args.backend)
@@ -146,16 +149,8 @@ def run(args) -> dict:
                            positions=args.positions, behaviour=not args.no_behaviour, test_size=args.test_size,
                            seed=args.seed, batch_size=args.batch_size, progress=not args.json)
     out = {**res, "aligned_model": args.aligned, "finetuned_model": args.finetuned}
-    write_json(out, args.out / "comparison.json")
+    save_json(out, args.out / "comparison.json", indent=1)
     return out
-
-
-def write_json(obj, path: Path) -> None:
-    """Write ``obj`` as JSON atomically (a temporary file renamed into place)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
 
 
 def _print_table(out: dict) -> None:

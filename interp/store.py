@@ -165,8 +165,14 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+def save_json(obj: Any, path: str | Path, *, indent: int = 2, sort_keys: bool = False) -> Path:
+    """Write ``obj`` as UTF-8 JSON atomically (a temporary file renamed into place, parent folders
+    made): a reader never sees half a file. Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(obj, indent=indent, sort_keys=sort_keys, ensure_ascii=False) + "\n"
+    _atomic_write_bytes(path, text.encode("utf-8"))
+    return path
 
 
 def _sha256(path: Path) -> str:
@@ -308,8 +314,8 @@ class ActivationStore:
             (path / "shards").mkdir(parents=True, exist_ok=True)
             _atomic_write_bytes(path / "transcripts.jsonl", "".join(
                 json.dumps(t, sort_keys=True, ensure_ascii=False) + "\n" for t in transcripts).encode())
-            _atomic_write_json(path / "manifest.json", {"shards": []})
-            _atomic_write_json(path / "meta.json", meta)  # last: its presence marks a started store
+            save_json({"shards": []}, path / "manifest.json", indent=1, sort_keys=True)
+            save_json(meta, path / "meta.json", indent=1, sort_keys=True)  # last: its presence marks a started store
         except BaseException:
             if created:
                 shutil.rmtree(path, ignore_errors=True)
@@ -337,4 +343,4 @@ class ActivationStore:
                  "bytes": final.stat().st_size, "sha256": _sha256(final)}
         shards = [e for e in self.manifest["shards"] if e["index"] != index] + [entry]
         self.manifest = {"shards": sorted(shards, key=lambda e: e["index"])}
-        _atomic_write_json(self.path / "manifest.json", self.manifest)
+        save_json(self.manifest, self.path / "manifest.json", indent=1, sort_keys=True)

@@ -22,7 +22,7 @@ import json
 import random
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from interp.behavior import rates, score_first_step
-from interp.finetune import FinetuneConfig, encode_all, finetune, save_checkpoint, save_json
+from interp.finetune import FinetuneConfig, encode_all, finetune, save_checkpoint
+from interp.store import save_json
 from interp.organism import grammar
 from interp.organism.tokenizer import build_tokenizer, save_tokenizer
 from interp.organism.world import Task, World
