@@ -10,7 +10,7 @@ The pipeline, one direction::
 ['assistant', 'prefix', 'system']
 """
 
-from interp import positions
+from interp import organism, positions  # importing a built-in model registers its names
 from interp.cache import cache_activations
 from interp.models import SITES, Model, hook_name, load_model
 from interp.store import ActivationStore, Activations
@@ -18,7 +18,7 @@ from interp.transcripts import (SEGMENT_KINDS, Message, RenderedTranscript, Tool
                                 load_jsonl, render, save_jsonl)
 
 __all__ = [
-    "SEGMENT_KINDS", "SITES", "ActivationStore", "Activations", "Message", "Model", "RenderedTranscript", "ToolCall",
+    "SEGMENT_KINDS", "SITES", "organism", "ActivationStore", "Activations", "Message", "Model", "RenderedTranscript", "ToolCall",
     "Transcript", "cache_activations", "hook_name", "load_agentharm", "load_jsonl", "load_model", "positions",
     "render", "save_jsonl",
 ]

@@ -28,7 +28,6 @@ from torch import nn
 
 SITES = ("resid_pre", "resid_mid", "resid_post")
 BACKENDS = ("hf", "bridge", "nnsight")
-ORGANISM_NAMES = ("organism", "organism-aligned", "organism-finetuned")
 
 # Where decoder layers live, and which module inside a layer reads the residual stream after
 # attention (its input is resid_mid). Checked in order; the first present wins.
@@ -245,27 +244,71 @@ def _read_nnsight(m: Model, ids, mask, pos, layers, site, gather) -> dict[int, t
 # Loading
 
 
-def resolve(name_or_path: str | Path) -> tuple[str, bool]:
-    """Map a model name to something ``from_pretrained`` takes: ``(path or hub id, is_local)``.
+@dataclass(frozen=True)
+class Builtin:
+    """A model that ships with the toolkit (or is built by its set-up), loadable by ``name``.
 
-    ``"organism"`` (the aligned checkpoint) and ``"organism-finetuned"`` are the built-in model
-    organism; an existing directory is a local checkpoint; ``owner/name`` is a hub id.
-    """
+    ``checkpoint()`` returns the folder of a ``save_pretrained`` checkpoint; ``adapter()``, when
+    given, a PEFT adapter folder applied on top of it (and merged, so every backend sees one
+    plain model). Both raise ``FileNotFoundError`` with the command that rebuilds a missing or
+    corrupt file."""
+
+    name: str
+    checkpoint: Callable[[], Path]
+    adapter: Callable[[], Path] | None = None
+    description: str = ""
+
+
+_BUILTINS: dict[str, Builtin] = {}
+
+
+def register_builtin(builtin: Builtin) -> None:
+    """Make ``builtin.name`` loadable with :func:`load_model`. The built-in models register
+    themselves when :mod:`interp` is imported; this module names none of them."""
+    _BUILTINS[builtin.name] = builtin
+
+
+def builtin_names() -> tuple[str, ...]:
+    """Names of the registered built-in models."""
+    return tuple(_BUILTINS)
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where :func:`load_model` finds a model: ``path`` (a local folder or a hub id), whether it
+    is ``local``, and an optional PEFT ``adapter`` folder to merge into it."""
+
+    path: str
+    local: bool
+    adapter: Path | None = None
+
+
+def resolve(name_or_path: str | Path) -> Source:
+    """Map a model name to a :class:`Source`: a registered built-in name (see
+    :func:`builtin_names`), an existing ``save_pretrained`` directory, or an ``owner/name`` hub id."""
     name = str(name_or_path)
-    if name in ORGANISM_NAMES:
-        from interp.organism import checkpoint_path
-
-        return str(checkpoint_path("organism" if name == "organism-aligned" else name)), True
+    if name in _BUILTINS:
+        b = _BUILTINS[name]
+        return Source(str(b.checkpoint()), True, None if b.adapter is None else b.adapter())
     p = Path(name).expanduser()
     if p.is_dir():
         if not (p / "config.json").exists():
             raise FileNotFoundError(f"{p}: no config.json, not a saved Hugging Face model directory")
-        return str(p), True
+        return Source(str(p), True)
     if p.exists():
         raise FileNotFoundError(f"{p}: is a file; pass the model directory (the one with config.json)")
     if re.fullmatch(r"[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?", name) and not name.startswith((".", "~")):
-        return name, False
-    raise FileNotFoundError(f"no model at {name!r}: not a directory, not a hub id, not one of {', '.join(ORGANISM_NAMES)}")
+        return Source(name, False)
+    raise FileNotFoundError(f"no model at {name!r}: not a directory, not a hub id, not a built-in model "
+                            f"({', '.join(_BUILTINS) or 'none registered'})")
+
+
+def _merge_adapter(hf_model: nn.Module, adapter: Path) -> nn.Module:
+    """The model with a PEFT adapter folder merged into its weights: a plain ``transformers``
+    model again, so every backend runs it unchanged."""
+    from peft import PeftModel  # optional dependency: only built-ins with adapters need it
+
+    return PeftModel.from_pretrained(hf_model, str(adapter)).merge_and_unload()
 
 
 def _default_device() -> str:
@@ -302,7 +345,8 @@ def load_model(
         raise ValueError(f"unknown backend {backend!r} (expected one of {', '.join(BACKENDS)})")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path, local = resolve(name_or_path)
+    source = resolve(name_or_path)
+    path, local = source.path, source.local
     kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=trust_remote_code, revision=revision)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -315,6 +359,8 @@ def load_model(
     except OSError as e:
         where = "local directory" if local else "Hugging Face Hub (is the network reachable? HF_HUB_OFFLINE?)"
         raise OSError(f"could not load {name_or_path!r} from the {where}: {e}") from e
+    if source.adapter is not None:
+        hf_model = _merge_adapter(hf_model, source.adapter)
     if device_map is None:
         hf_model.to(device or _default_device())
     hf_model.eval()

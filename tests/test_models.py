@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import ARCHS
 
-from interp.models import SITES, hook_name, load_model, resolve
+from interp.models import SITES, Source, hook_name, load_model, resolve
 
 
 @pytest.mark.parametrize("backend", ["hf", "bridge", "nnsight"])
@@ -52,7 +52,7 @@ def test_unknown_model_path_is_named(tmp_path):
 
 def test_hub_ids_go_to_the_hub_and_fail_clearly_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert resolve("meta-llama/Llama-3.1-8B-Instruct") == ("meta-llama/Llama-3.1-8B-Instruct", False)
+    assert resolve("meta-llama/Llama-3.1-8B-Instruct") == Source("meta-llama/Llama-3.1-8B-Instruct", False)
     with pytest.raises(OSError, match="could not load 'someone/not-cached-model' from the Hugging Face Hub"):
         load_model("someone/not-cached-model")
 

@@ -32,3 +32,14 @@ def checkpoint_path(name: str, root: str | Path | None = None) -> Path:
 
 __all__ = ["CHECKPOINTS", "CHECKPOINT_DIR", "HARM_CATEGORIES", "Task", "World", "checkpoint_path", "grammar",
            "harm_baselines", "stats"]
+
+
+def _register() -> None:
+    from interp.models import Builtin, register_builtin
+
+    for name, folder in CHECKPOINTS.items():
+        register_builtin(Builtin(name, lambda name=name: checkpoint_path(name),
+                                 description=f"the built-in model organism ({folder})"))
+
+
+_register()
