@@ -117,6 +117,10 @@ def align(plan: Plan, R: str, S: str) -> Alignment:
     """Walk ``S``; every template chunk must match ``R`` exactly and every marker one candidate
     form of its piece. Raises :class:`AlignError` on the first disagreement."""
     occ = _occurrences(plan, S)
+    found, lowered = {k for _, _, k in occ}, S.lower()
+    for k, p in enumerate(plan.pieces):
+        if p.marker and k not in found and p.marker.lower() in lowered:
+            raise AlignError(k, "case-changed: the template changes the case of this text")
     al = Alignment()
     r = s = 0
     for n, (m0, m1, k) in enumerate(occ):

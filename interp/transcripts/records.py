@@ -109,8 +109,6 @@ class Transcript:
     @classmethod
     def from_messages(cls, messages: Sequence[Mapping | Message], **kwargs) -> Transcript:
         """Build from OpenAI-style message dicts (or :class:`Message` objects)."""
-        from .loaders import from_record  # loaders build on these records
-
         return from_record({"messages": list(messages), **kwargs})
 
     def with_prefix(self, prefix: str | None) -> Transcript:
@@ -195,6 +193,97 @@ def validate(t: Transcript, source: str | None = None, record=None) -> None:
         if t.messages[-1].role == "assistant":
             bad("a forced prefix opens the next assistant reply, but the transcript already ends "
                 "with an assistant message", "prefix")
+
+
+# reading records (the loaders and Transcript.from_messages share this)
+
+
+def _parse_call(raw: Any, source, record, f: str) -> ToolCall:
+    if not isinstance(raw, Mapping):
+        fail("tool call must be an object", source, record, f)
+    fn = raw.get("function", raw)
+    if not isinstance(fn, Mapping):
+        fail("tool call 'function' must be an object", source, record, f + ".function")
+    name = fn.get("name")
+    if not isinstance(name, str) or not name:
+        fail("tool call needs a function name", source, record, f + ".function.name")
+    args = fn.get("arguments", {})
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError as e:
+            fail(f"arguments are not valid JSON ({e.msg})", source, record, f + ".function.arguments")
+    if args is None:
+        args = {}
+    if not isinstance(args, Mapping):
+        fail("arguments must be a JSON object", source, record, f + ".function.arguments")
+    return ToolCall(name=name, arguments=dict(args), id=raw.get("id"))
+
+
+def _text(raw: Any, source, record, f: str) -> str:
+    """A content field: a string, null (empty) or OpenAI text parts."""
+    if raw is None:
+        return ""
+    if isinstance(raw, list):  # OpenAI content parts: keep the text ones
+        try:
+            return "".join(p["text"] for p in raw if p.get("type") == "text")
+        except (TypeError, KeyError, AttributeError):
+            fail("content parts must be objects with 'type' and 'text'", source, record, f)
+    if not isinstance(raw, str):
+        fail(f"content must be a string, got {type(raw).__name__}", source, record, f)
+    return raw
+
+
+def _parse_message(raw: Any, source, record, i: int) -> Message:
+    f = f"messages[{i}]"
+    if isinstance(raw, Message):
+        return raw
+    if not isinstance(raw, Mapping):
+        fail("message must be an object", source, record, f)
+    role = raw.get("role")
+    if role not in ROLES:
+        fail(f"unknown role {role!r} (expected one of {', '.join(ROLES)})", source, record, f + ".role")
+    calls = raw.get("tool_calls") or ()
+    if not isinstance(calls, (list, tuple)):
+        fail("tool_calls must be a list", source, record, f + ".tool_calls")
+    reasoning = raw.get("reasoning_content")
+    return Message(
+        role=role,
+        content=_text(raw.get("content"), source, record, f + ".content"),
+        tool_calls=tuple(_parse_call(c, source, record, f"{f}.tool_calls[{j}]") for j, c in enumerate(calls)),
+        tool_call_id=raw.get("tool_call_id"),
+        name=raw.get("name"),
+        reasoning_content=None if reasoning is None else _text(reasoning, source, record, f + ".reasoning_content"),
+    )
+
+
+def from_record(rec: Mapping, source: str | None = None, record: int | str | None = None) -> Transcript:
+    """Build a transcript from ``{messages, tools?, labels?, metadata?, prefix?, id?}``."""
+    if not isinstance(rec, Mapping):
+        fail("record must be a JSON object", source, record)
+    msgs = rec.get("messages")
+    if not isinstance(msgs, (list, tuple)) or not msgs:
+        fail("missing or empty 'messages' list", source, record, "messages")
+    messages = tuple(_parse_message(m, source, record, i) for i, m in enumerate(msgs))
+    tools = rec.get("tools") or ()
+    if not isinstance(tools, (list, tuple)) or not all(isinstance(x, Mapping) for x in tools):
+        fail("tools must be a list of objects", source, record, "tools")
+    labels = rec.get("labels") or {}
+    if not isinstance(labels, Mapping):
+        fail("labels must be an object", source, record, "labels")
+    metadata = rec.get("metadata") or {}
+    if not isinstance(metadata, Mapping):
+        fail("metadata must be an object", source, record, "metadata")
+    tid = rec.get("id")
+    if tid is None:
+        tid = f"{source or 'transcript'}:{record if record is not None else 0}"
+    origin = ", ".join(p for p in (source, None if record is None else f"record {record}") if p) or None
+    t = object.__new__(Transcript)  # build, then validate with the file/record in the message
+    for k, v in dict(messages=messages, tools=tuple(dict(x) for x in tools), labels=dict(labels),
+                     metadata=dict(metadata), prefix=rec.get("prefix"), id=str(tid), source=origin).items():
+        object.__setattr__(t, k, v)
+    validate(t, source, record)
+    return t
 
 
 def binary_label(t: Transcript, key: str = "harmful") -> bool:

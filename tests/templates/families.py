@@ -63,6 +63,8 @@ FAMILIES = {f.name: f for f in (
            "<|endoftext|>", tools=False),
     Family("hermes-3", ("<|begin_of_text|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>",
                         "<tool_response>", "</tool_response>"), "<|begin_of_text|>", "<|im_end|>"),
+    Family("granite-3.3", ("<|start_of_role|>", "<|end_of_role|>", "<|end_of_text|>", "<|tool_call|>"), None,
+           "<|end_of_text|>", tools=False),  # renders tool results but drops tool calls
     Family("smollm2", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), "<|im_start|>", "<|im_end|>", tools=False),
 )}
 
