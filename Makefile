@@ -1,7 +1,9 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   the main job on the built-in model organism
 #   make test   the test suite
-# Both create .venv when missing, install torch (CPU build) first, then the package.
+# Both create .venv when missing, install torch (CPU build) first, then the package, then fetch
+# and convert SmolLM2-135M-Instruct into the cache outside the repository (once; later runs only
+# check it: python -m interp.smollm2 setup).
 
 PYTHON ?= python3
 VENV := .venv
@@ -12,9 +14,9 @@ export BROWSER_PATH ?= /usr/bin/chromium
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test setup chromium bench clean
+.PHONY: demo test setup smollm2 chromium bench clean
 
-setup: $(STAMP) chromium
+setup: $(STAMP) chromium smollm2
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +25,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "agent-refusal-interp (.venv)" >/dev/null
 	touch $(STAMP)
+
+# Not stamped: the cache lives outside the repository and outlives .venv; the command itself does
+# nothing but check sha256s when the converted checkpoint is already there and complete.
+smollm2: $(STAMP)
+	$(PY) -m interp.smollm2 setup
 
 # Static figure export (kaleido) needs a Chromium. Without root, figures still come out as HTML.
 chromium:

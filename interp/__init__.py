@@ -11,6 +11,7 @@ The pipeline, one direction::
 """
 
 from interp import organism, positions  # importing a built-in model registers its names
+from interp import smollm2  # noqa: F401  (registers "smollm2", "smollm2-aligned", "smollm2-finetuned")
 from interp.cache import cache_activations
 from interp.models import SITES, Model, hook_name, load_model
 from interp.store import ActivationStore, Activations
