@@ -156,13 +156,16 @@ def _tail_end(t: Transcript, plan: Plan, f: int, S: str, tokenizer, gen, kwargs)
     return end + 1 if S[end - 3:end + 1].lower() == "true" else end  # true/false share their last "e"
 
 
-def _block(t: Transcript, plan: Plan, f: int, al: Alignment, S: str, tokenizer, gen, kwargs) -> list[Span]:
-    """Spans of a field with no marker (only whitespace and tested markup): render once more with
-    a marker for the whole field; the part of ``S`` that differs must be one of the field's
-    forms, or of its answer part when the template drops a ``<think>`` block."""
+def _block(t: Transcript, plan: Plan, f: int, al: Alignment, S: str, tokenizer, gen, kwargs,
+           piece: int | None = None) -> list[Span]:
+    """Spans of a field with no marker (only whitespace and tested markup), or of one blank
+    ``piece`` the template moved: render once more with a marker for it; the part of ``S`` that
+    differs must be one of its forms (or of the answer part, when a ``<think>`` block is dropped)."""
     fld = plan.fields[f]
     msgs = [dict(m) for m in plan.messages]
-    msgs[fld.message][fld.path.rsplit(".", 1)[1]] = f"{plan.nonce}{len(plan.pieces)}{plan.nonce}"
+    probe = f"{plan.nonce}{len(plan.pieces)}{plan.nonce}"
+    msgs[fld.message][fld.path.rsplit(".", 1)[1]] = probe if piece is None else "".join(
+        probe if k == piece else plan.pieces[k].marker or plan.pieces[k].text for k in fld.pieces)
     try:
         S2 = apply_template(tokenizer, msgs, t.tools, gen, kwargs)
     except Exception as e:
@@ -172,10 +175,11 @@ def _block(t: Transcript, plan: Plan, f: int, al: Alignment, S: str, tokenizer, 
     region = S[a:len(S) - b]
     if not region:
         return []
-    kinds = [plan.pieces[k].kind for k in fld.pieces for _ in plan.pieces[k].text]
-    answer = fld.text.rfind(THINK_CLOSE) + len(THINK_CLOSE) if THINK_CLOSE in fld.text else 0
+    text = fld.text if piece is None else plan.pieces[piece].text
+    kinds = [plan.pieces[k].kind for k in ([piece] if piece is not None else fld.pieces) for _ in plan.pieces[k].text]
+    answer = text.rfind(THINK_CLOSE) + len(THINK_CLOSE) if THINK_CLOSE in text else 0
     for start in dict.fromkeys((0, answer)):
-        for form, enc, lo, hi in candidates(fld.text[start:]):
+        for form, enc, lo, hi in candidates(text[start:]):
             if region == form and not plan.marker_regex().search(region):
                 r0 = al.to_r(a)
                 sub = kinds[start + lo:start + hi] if enc == "raw" else [fld.kind] * len(form)
@@ -209,6 +213,12 @@ def _field_spans(t, plan, al, claimed, S, tokenizer, gen, kwargs) -> tuple[list[
             elif p.marker is not None and p.kind not in FOLLOWED_ALWAYS:
                 raise AlignError(k, _dropped(p.marker, S))
         located = [k for k in fld.pieces if k in al.spans]
+        for k in fld.pieces if located and fld.call < 0 else ():  # blank text the template moved
+            p = plan.pieces[k]
+            if p.marker is None and k not in claimed and p.text and not p.text.strip():
+                moved = _block(t, plan, f, al, S, tokenizer, gen, kwargs, piece=k)
+                spans += moved
+                rendered |= {(f, x.kind) for x in moved}
         if fld.call >= 0 and located:
             tail = functools.partial(_tail_end, t, plan, f, S, tokenizer, gen, kwargs)
             spans.append(Span("tool_call", fld.message, fld.call, *_call_span(located, al, S, starts, ends, tail)))
