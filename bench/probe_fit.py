@@ -1,9 +1,10 @@
-"""Benchmark: all-layer batched probe fit vs. a Python loop of scikit-learn fits.
+"""Benchmark: all-layer batched probe fit (probes.LayerProbes) vs. a Python loop of scikit-learn
+fits.
 
 Both sides fit the same problem per layer: standardise on the training rows, then
 L2-logistic regression with the same C (``LogisticRegression(C=C, solver="lbfgs")``). ``tol``
 means the same on both sides (a bound on the gradient of the objective divided by C·n); each
-side runs at its own default (1e-5 for fit_layer_probes, 1e-4 for sklearn) unless ``--tol``
+side runs at its own default (1e-5 for LayerProbes, 1e-4 for sklearn) unless ``--tol``
 sets both. Prints the wall time of each side, the speed ratio, and the largest per-layer
 difference in held-out accuracy.
 
@@ -34,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from probes.linear import fit_layer_probes
+from probes.linear import LayerProbes
 from probes.metrics import grouped_train_test_split
 
 
@@ -134,7 +135,7 @@ def main() -> None:
         type=float,
         default=None,
         help="tolerance for both sides (default: each side's own default, "
-        "1e-5 for fit_layer_probes, 1e-4 for sklearn)",
+        "1e-5 for LayerProbes, 1e-4 for sklearn)",
     )
     ap.add_argument(
         "--sklearn-max-iter",
@@ -185,14 +186,14 @@ def main() -> None:
         f"torch threads={torch.get_num_threads()}"
     )
 
-    warm = np.random.default_rng(0).permutation(len(ytr))[:64]  # both classes, whatever the row order
-    fit_layer_probes(Xtr[warm, :2, :32], ytr[warm], C=args.C)  # warm-up (thread pools, kernels)
+    warm = np.random.default_rng(0).permutation(len(ytr))[:64]  # both classes, any row order
+    LayerProbes(C=args.C).fit(Xtr[warm, :2, :32], ytr[warm])  # warm-up (thread pools, kernels)
     start = time.perf_counter()
-    probes = fit_layer_probes(Xtr, ytr, C=args.C, tol=tol_ours)
+    probes = LayerProbes(C=args.C, tol=tol_ours).fit(Xtr, ytr)
     t_ours = time.perf_counter() - start
-    acc_ours = probes.score(Xte, yte)
+    acc_ours = probes.score_layers(Xte, yte)
     print(
-        f"batched fit_layer_probes: {t_ours:8.2f} s  (solver iterations per layer: "
+        f"batched LayerProbes.fit: {t_ours:8.2f} s  (solver iterations per layer: "
         f"median {int(np.median(probes.n_iter_))}, max {int(probes.n_iter_.max())})"
     )
 

@@ -3,13 +3,15 @@
 Takes arrays or tensors and labels; knows nothing about how activations were obtained (it never
 imports :mod:`interp`).
 
-- :mod:`probes.linear`: :class:`LinearProbe` (a scikit-learn estimator for one layer) and
-  :func:`fit_layer_probes` (every layer at once, batched in torch) returning :class:`LayerProbes`.
+- :mod:`probes.linear`: :class:`LayerProbes` (a scikit-learn estimator fitting a logistic probe
+  per layer of ``[n, n_layers, d]`` activations, all at once, batched in torch),
+  :func:`fit_layer_probes` (a fitted LayerProbes in one call) and :class:`LinearProbe` (the
+  same probe for one layer, ``[n, d]``).
 - :mod:`probes.directions`: :func:`diff_in_means`, :func:`project`, :func:`cosine_similarity`,
   :func:`dprime`.
-- :mod:`probes.metrics`: :func:`accuracy`, :func:`auroc`, :func:`bootstrap_ci`,
-  :func:`bootstrap_rate` (both return an :class:`Interval`), :func:`grouped_train_test_split`,
-  :func:`threshold_for`.
+- :mod:`probes.metrics`: :func:`accuracy`, :func:`auroc`, :func:`pearson`, :func:`spearman`,
+  :func:`bootstrap_ci`, :func:`bootstrap_rate` (both return an :class:`Interval`),
+  :func:`grouped_train_test_split`, :func:`threshold_for`.
 
 Names are imported lazily, so ``import probes`` does not import torch or scikit-learn.
 """
@@ -34,6 +36,8 @@ _EXPORTS = {
     "bootstrap_ci": "metrics",
     "bootstrap_rate": "metrics",
     "grouped_train_test_split": "metrics",
+    "pearson": "metrics",
+    "spearman": "metrics",
     "threshold_for": "metrics",
 }
 
@@ -51,7 +55,9 @@ __all__ = [
     "dprime",
     "fit_layer_probes",
     "grouped_train_test_split",
+    "pearson",
     "project",
+    "spearman",
     "threshold_for",
 ]
 
@@ -65,6 +71,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load on first
         bootstrap_ci,
         bootstrap_rate,
         grouped_train_test_split,
+        pearson,
+        spearman,
         threshold_for,
     )
 

@@ -1,4 +1,5 @@
-"""Metrics for probes: accuracy, AUROC, calibrated thresholds, bootstrap intervals, grouped splits.
+"""Metrics for probes: accuracy, AUROC, rank and linear correlation, calibrated thresholds,
+bootstrap intervals, grouped splits.
 
 Numpy only (cheap to import). Labels are binary; the positive class is the larger of the two
 label values, as in scikit-learn.
@@ -19,6 +20,8 @@ __all__ = [
     "bootstrap_ci",
     "bootstrap_rate",
     "grouped_train_test_split",
+    "pearson",
+    "spearman",
     "threshold_for",
 ]
 
@@ -182,6 +185,87 @@ def auroc(y, scores) -> float | np.ndarray:
     u = ranks[y01 == 1].sum(axis=0) - n_pos * (n_pos + 1) / 2.0
     auc = u / (n_pos * n_neg)
     return float(auc[0]) if one_d else auc
+
+
+# ----------------------------------------------------------------------------------------------
+# Correlation of paired values.
+
+
+def _check_pairs(a, b) -> tuple[np.ndarray, np.ndarray, bool]:
+    """``a``, ``b`` as float64 ``[n, k]`` arrays, and whether they came as ``[n]``."""
+    arrays = []
+    for name, v in (("a", a), ("b", b)):
+        if hasattr(v, "detach"):
+            v = v.detach().cpu().numpy()
+        v = np.asarray(v)
+        if v.ndim not in (1, 2):
+            raise ValueError(f"{name} must be [n] or [n, k]; got {_describe(v)}")
+        if v.dtype.kind not in "biuf":
+            raise ValueError(f"{name} must be real numbers; got dtype {v.dtype}")
+        v = v.astype(np.float64)
+        if not np.all(np.isfinite(v)):
+            raise ValueError(f"{name} contains NaN or inf")
+        arrays.append(v)
+    x, y = arrays
+    if x.shape != y.shape:
+        raise ValueError(f"a and b must have the same shape; got {x.shape} and {y.shape}")
+    one_d = x.ndim == 1
+    return (x[:, None], y[:, None], True) if one_d else (x, y, False)
+
+
+def _column_correlation(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Pearson correlation of each column of x ``[n, k]`` with that of y -> ``[k]``; NaN for
+    fewer than two rows or a constant column."""
+    out = np.full(x.shape[1], np.nan)
+    if x.shape[0] < 2:
+        return out
+    defined = (np.ptp(x, axis=0) > 0) & (np.ptp(y, axis=0) > 0)
+    x, y = x[:, defined], y[:, defined]
+    # Correlation ignores each column's scale; dividing by the largest |value| first keeps
+    # sums of squares finite for values like 1e300 and non-zero for values like 1e-300.
+    x = x / np.abs(x).max(0)
+    y = y / np.abs(y).max(0)
+    dx, dy = x - x.mean(0), y - y.mean(0)
+    dx, dy = dx / np.abs(dx).max(0), dy / np.abs(dy).max(0)
+    r = (dx * dy).sum(0) / np.sqrt((dx * dx).sum(0) * (dy * dy).sum(0))
+    out[defined] = np.clip(r, -1.0, 1.0)
+    return out
+
+
+def pearson(a, b) -> float | np.ndarray:
+    """Pearson correlation of paired values: ``a, b [n]`` -> float, or ``[n, k]`` -> ``[k]``
+    (column j of a with column j of b). Equals ``scipy.stats.pearsonr(a, b).statistic``.
+
+    NaN where it is undefined: fewer than two pairs, or a constant ``a`` or ``b`` (column).
+    NaN, not None, so that per-layer results stay one float array; a JSON writer that wants
+    ``null`` converts with ``None if math.isnan(r) else r``. Raises on NaN or inf in the input.
+
+    >>> pearson([1, 2, 3, 4], [2, 4, 6, 8])
+    1.0
+    >>> pearson([1, 2, 3], [5, 5, 5])
+    nan
+    """
+    x, y, one_d = _check_pairs(a, b)
+    r = _column_correlation(x, y)
+    return float(r[0]) if one_d else r
+
+
+def spearman(a, b) -> float | np.ndarray:
+    """Spearman rank correlation of paired values: the Pearson correlation of their ranks, ties
+    given their mean rank. ``a, b [n]`` -> float, or ``[n, k]`` -> ``[k]`` (column j of a with
+    column j of b). Equals ``scipy.stats.spearmanr(a, b).statistic``.
+
+    NaN where it is undefined, as in :func:`pearson`: fewer than two pairs, or a constant
+    ``a`` or ``b`` (column). Raises on NaN or inf in the input.
+
+    >>> spearman([1, 2, 3, 4], [1, 4, 9, 16])  # monotonic, not linear
+    1.0
+    >>> spearman([1, 2, 2, 3], [3, 2, 2, 1])  # ties share their mean rank
+    -1.0
+    """
+    x, y, one_d = _check_pairs(a, b)
+    r = _column_correlation(_average_ranks(x), _average_ranks(y))
+    return float(r[0]) if one_d else r
 
 
 # ----------------------------------------------------------------------------------------------

@@ -75,7 +75,7 @@ def assert_matches_sklearn(X, y, C, *, standardize=True, coef_rtol=1e-3, dtype=N
     probes = fit_layer_probes(
         Xtr, ytr, C=C, tol=1e-6, max_iter=500, standardize=standardize, dtype=dtype
     )
-    ours = probes.score(Xte, yte)
+    ours = probes.score_layers(Xte, yte)
     Cs = np.broadcast_to(np.asarray(C, dtype=float), (X.shape[1],))
     for layer in range(X.shape[1]):
         coef, intercept = sklearn_probe(Xtr[:, layer], ytr, Cs[layer], standardize)
@@ -99,7 +99,7 @@ def test_docstring_examples_run():
 def test_batched_fit_matches_sklearn_per_layer_on_noisy_data():
     X, y = planted(400, 4, 48, strength=0.6)
     probes = assert_matches_sklearn(X, y, C=1.0)
-    accuracies = probes.score(*split(X, y)[2:])
+    accuracies = probes.score_layers(*split(X, y)[2:])
     assert 0.55 < accuracies.min() and accuracies.max() < 0.99  # genuinely noisy
 
 
@@ -107,7 +107,7 @@ def test_batched_fit_matches_sklearn_per_layer_on_separable_data():
     X, y = planted(300, 3, 40, strength=6.0)
     Xtr, ytr, _, _ = split(X, y)
     probes = assert_matches_sklearn(X, y, C=0.1)
-    assert np.all(probes.score(Xtr, ytr) == 1.0)
+    assert np.all(probes.score_layers(Xtr, ytr) == 1.0)
 
 
 def test_batched_fit_matches_sklearn_when_d_exceeds_n():
@@ -252,7 +252,9 @@ def test_layer_probes_predict_shapes_labels_and_probabilities():
     assert predicted.shape == (200, 3)
     # classes_[1] ("harmless") is the positive class: predicted where its probability > 1/2.
     np.testing.assert_array_equal(predicted == "harmless", proba[..., 1] > 0.5)
-    np.testing.assert_allclose(probes.score(X, labels), (predicted == labels[:, None]).mean(0))
+    np.testing.assert_allclose(
+        probes.score_layers(X, labels), (predicted == labels[:, None]).mean(0)
+    )
 
 
 def test_probe_of_a_layer_is_a_fitted_linear_probe_with_the_same_predictions():

@@ -7,6 +7,7 @@ import doctest
 
 import numpy as np
 import pytest
+import scipy.stats
 from sklearn.metrics import roc_auc_score
 
 import probes.metrics
@@ -17,6 +18,8 @@ from probes import (
     bootstrap_ci,
     bootstrap_rate,
     grouped_train_test_split,
+    pearson,
+    spearman,
     threshold_for,
 )
 
@@ -79,6 +82,63 @@ def test_auroc_rejects_single_class_and_mismatched_lengths():
         auroc([0, 1, 1], [0.1, 0.2])
     with pytest.raises(ValueError, match="scores contains NaN or inf"):
         auroc([0, 1], [0.1, np.nan])
+
+
+# ----------------------------------------------------------------------------------------------
+# Correlation.
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_spearman_equals_scipy_with_many_ties(seed):
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 5, 80)
+    b = a + rng.integers(0, 4, 80)  # few distinct values on both sides
+    assert spearman(a, b) == pytest.approx(scipy.stats.spearmanr(a, b).statistic, abs=1e-12)
+
+
+def test_pearson_equals_scipy_on_continuous_values():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal(60)
+    b = 0.5 * a + rng.standard_normal(60)
+    assert pearson(a, b) == pytest.approx(scipy.stats.pearsonr(a, b).statistic, abs=1e-12)
+
+
+def test_spearman_sees_a_monotonic_relation_that_pearson_does_not():
+    a = np.arange(1.0, 11.0)
+    assert spearman(a, np.exp(a)) == 1.0
+    assert pearson(a, np.exp(a)) < 0.8
+
+
+def test_correlation_of_matrices_is_one_value_per_pair_of_columns():
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 6, (50, 3))
+    b = a * np.array([1, -1, 0]) + rng.integers(0, 3, (50, 3))
+    expected = [scipy.stats.spearmanr(a[:, j], b[:, j]).statistic for j in range(3)]
+    np.testing.assert_allclose(spearman(a, b), expected, atol=1e-12)
+    expected = [scipy.stats.pearsonr(a[:, j], b[:, j]).statistic for j in range(3)]
+    np.testing.assert_allclose(pearson(a, b), expected, atol=1e-12)
+
+
+def test_correlation_is_nan_for_a_constant_input_or_fewer_than_two_pairs():
+    assert np.isnan(spearman([1, 2, 3], [4, 4, 4]))
+    assert np.isnan(pearson([5, 5, 5], [1, 2, 3]))
+    assert np.isnan(spearman([1.0], [2.0])) and np.isnan(pearson([1.0], [2.0]))
+    per_column = pearson(np.array([[1, 0], [2, 0], [3, 0]]), np.array([[1, 1], [2, 2], [4, 3]]))
+    assert per_column[0] == pytest.approx(scipy.stats.pearsonr([1, 2, 3], [1, 2, 4]).statistic)
+    assert np.isnan(per_column[1])
+
+
+def test_pearson_survives_values_of_extreme_scale():
+    rng = np.random.default_rng(2)
+    a, b = rng.standard_normal(40), rng.standard_normal(40)
+    assert pearson(a * 1e300, b * 1e-300) == pytest.approx(pearson(a, b), abs=1e-12)
+
+
+def test_correlation_rejects_mismatched_shapes_and_nan():
+    with pytest.raises(ValueError, match=r"a and b must have the same shape; got \(3,\) and \(4,"):
+        spearman([1, 2, 3], [1, 2, 3, 4])
+    with pytest.raises(ValueError, match="b contains NaN or inf"):
+        pearson([1.0, 2.0, 3.0], [1.0, np.nan, 3.0])
 
 
 # ----------------------------------------------------------------------------------------------
