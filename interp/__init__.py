@@ -6,8 +6,8 @@ The pipeline, one direction::
     transcripts ──render──▶ tokens + segment labels ──model──▶ activations ──▶ probes ──▶ figures
 
 >>> import interp
->>> sorted(interp.SEGMENT_KINDS)[:3]
-['assistant', 'prefix', 'system']
+>>> interp.SEGMENT_KINDS[:4]
+('template', 'system', 'user', 'assistant')
 """
 
 from interp import organism, positions  # importing a built-in model registers its names

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,6 +56,32 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder to fill; when the block ends without an error it takes
+    the place of ``path`` (a folder already there is replaced), otherwise it is removed. A reader
+    sees the old folder or the new one, never a half-written one; if the final rename fails, the
+    old folder is put back. Leftovers of a killed process are temporary names (see
+    :func:`is_temporary_of`), which the next writer may sweep."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = temporary_name(path), temporary_name(path)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists():
+            path.rename(old)
+        try:
+            tmp.rename(path)
+        except BaseException:
+            if old.exists():
+                old.rename(path)
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:

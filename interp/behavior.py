@@ -19,13 +19,15 @@ import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from interp.cache import pad_batch
 from interp.finetune import stop_token_ids, unwrap
+from interp.models import check_choice, position_ids_from_mask
 from interp.transcripts import Message, ToolCall, Transcript, render
 from probes.metrics import Interval, bootstrap_rate
 
@@ -149,17 +151,15 @@ def generate(
     transcripts: Sequence[Transcript],
     tokenizer: Any = None,
     *,
-    prefix: str | None = None,
     max_new_tokens: int = 64,
     batch_size: int = 64,
     progress: bool = False,
 ) -> list[Generation]:
-    """Greedy replies to ``transcripts`` (each ends before the assistant's turn).
+    """Greedy replies to ``transcripts`` (each ends before the assistant's turn); a transcript's
+    ``prefix`` is forced at the start of its reply.
 
     Args:
         model: a Hugging Face causal LM or a handle with ``.hf_model`` and ``.tokenizer``.
-        prefix: text forced at the start of every reply (overrides each transcript's own
-            ``prefix``); None keeps the transcripts' prefixes.
         max_new_tokens: generated tokens per reply at most (the prefix not counted).
         batch_size: prompts per forward pass; prompts are grouped by length.
 
@@ -169,8 +169,6 @@ def generate(
     model, tokenizer = unwrap(model, tokenizer)
     if len(transcripts) == 0:
         return []
-    if prefix is not None:
-        transcripts = [t.with_prefix(prefix) for t in transcripts]
     max_pos = getattr(model.config, "max_position_embeddings", None)
     prompts = _prompt_ids(transcripts, tokenizer, None if max_pos is None else max_pos - max_new_tokens)
     stop_set = stop_token_ids(tokenizer, model)
@@ -185,19 +183,13 @@ def generate(
     was_training = model.training
     model.eval()
     for idx in tqdm(batches, desc="generate", disable=not progress, leave=False):
-        rows = [prompts[i] for i in idx]
-        n = max(len(r) for r in rows)
-        ids = torch.full((len(rows), n), pad, dtype=torch.long)
-        attn = torch.zeros((len(rows), n), dtype=torch.long)
-        for j, r in enumerate(rows):  # left padding
-            ids[j, n - len(r):] = torch.from_numpy(r)
-            attn[j, n - len(r):] = 1
+        ids, attn, _ = pad_batch([prompts[i] for i in idx], pad, "left")
         ids, attn = ids.to(device), attn.to(device)
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only
+        pos = position_ids_from_mask(attn)  # positions count real tokens only
         stops = stops.to(device)
-        new = torch.full((len(rows), max_new_tokens), pad, dtype=torch.long, device=device)
-        done = torch.zeros(len(rows), dtype=torch.bool, device=device)
-        stopped = torch.zeros(len(rows), dtype=torch.bool, device=device)
+        new = torch.full((len(idx), max_new_tokens), pad, dtype=torch.long, device=device)
+        done = torch.zeros(len(idx), dtype=torch.bool, device=device)
+        stopped = torch.zeros(len(idx), dtype=torch.bool, device=device)
         past = None
         step_ids, step_pos = ids, pos
         for k in range(max_new_tokens):
@@ -261,6 +253,8 @@ class Outcome:
 
 
 Transform = Callable[[Transcript], Transcript]
+ScoringMode = Literal["episode", "first_step"]
+SCORING_MODES: tuple[str, ...] = get_args(ScoringMode)
 
 
 def _harmful(t: Transcript) -> bool:
@@ -281,19 +275,19 @@ def score_first_step(
     transcripts: Sequence[Transcript],
     tokenizer: Any = None,
     *,
-    prefix: str | None = None,
     transform: Transform | None = None,
     judge: Callable[[str], bool] | None = None,
     max_new_tokens: int = 64,
     batch_size: int = 64,
     progress: bool = False,
 ) -> list[Outcome]:
-    """Only the agent's first reply, greedy: refused (judge on its text) and whether it starts
-    the task correctly (``env.first_step_ok``). One batched generation pass: fast."""
+    """Only the agent's first reply, greedy (each transcript's ``prefix`` forced): refused (judge
+    on its text) and whether it starts the task correctly (``env.first_step_ok``). One batched
+    generation pass: fast."""
     judge = judge or RefusalJudge()
     starts = [transform(t) if transform else t for t in transcripts]
-    gens = generate(model, starts, tokenizer, prefix=prefix, max_new_tokens=max_new_tokens,
-                    batch_size=batch_size, progress=progress)
+    gens = generate(model, starts, tokenizer, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                    progress=progress)
     out = []
     for t, g in zip(starts, gens):
         msg, reply = _reply_message(g.text, 0)
@@ -308,7 +302,6 @@ def run_episodes(
     transcripts: Sequence[Transcript],
     tokenizer: Any = None,
     *,
-    prefix: str | None = None,
     transform: Transform | None = None,
     judge: Callable[[str], bool] | None = None,
     max_steps: int = 4,
@@ -319,12 +312,12 @@ def run_episodes(
     """Let the agent act until it answers without a tool call (or ``max_steps`` replies).
 
     ``transform`` rewrites each starting transcript (a system prompt, few-shot examples, text
-    appended to the request); ``prefix`` is forced at the start of the first reply only. The
-    environment answers every call; all active episodes advance together in batches.
+    appended to the request); a transcript's ``prefix`` is forced at the start of its first
+    reply only. The environment answers every call; all active episodes advance together in
+    batches.
     """
     judge = judge or RefusalJudge()
     convs = [transform(t) if transform else t for t in transcripts]
-    convs = [c.with_prefix(None) for c in convs]
     calls: list[list[ToolCall]] = [[] for _ in convs]
     refused = [False] * len(convs)
     finished = [False] * len(convs)
@@ -333,8 +326,8 @@ def run_episodes(
     for step in range(max_steps):
         if not active:
             break
-        gens = generate(model, [convs[i] for i in active], tokenizer, prefix=prefix if step == 0 else None,
-                        max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+        gens = generate(model, [convs[i] for i in active], tokenizer, max_new_tokens=max_new_tokens,
+                        batch_size=batch_size, progress=progress)
         still = []
         for i, g in zip(active, gens):
             msg, reply = _reply_message(g.text, step)
@@ -344,7 +337,7 @@ def run_episodes(
             for c in msg.tool_calls:
                 msgs.append(Message("tool", env.observe(convs[i].id, c), tool_call_id=c.id))
             calls[i] += list(msg.tool_calls)
-            convs[i] = convs[i].with_messages(msgs)
+            convs[i] = convs[i].with_prefix(None).with_messages(msgs)
             if msg.tool_calls:
                 still.append(i)
             else:
@@ -394,20 +387,18 @@ def evaluate(
     transcripts: Sequence[Transcript],
     tokenizer: Any = None,
     *,
-    mode: str = "episode",
-    prefix: str | None = None,
+    mode: ScoringMode = "episode",
     transform: Transform | None = None,
     judge: Callable[[str], bool] | None = None,
     **kwargs: Any,
 ) -> Evaluation:
-    """Score ``transcripts`` (labelled ``harmful``) in ``env``: full episodes (``mode="episode"``)
-    or the first agent step only (``mode="first_step"``), with an optional forced ``prefix``
-    and ``transform``. Extra keyword arguments go to :func:`run_episodes` /
-    :func:`score_first_step`."""
-    if mode not in ("episode", "first_step"):
-        raise ValueError(f"mode must be 'episode' or 'first_step', got {mode!r}")
+    """Score ``transcripts`` (labelled ``harmful``, each with its forced ``prefix`` if any) in
+    ``env``: full episodes (``mode="episode"``) or the first agent step only
+    (``mode="first_step"``), with an optional ``transform``. Extra keyword arguments go to
+    :func:`run_episodes` / :func:`score_first_step`."""
+    check_choice(mode, SCORING_MODES, "scoring mode")
     fn = run_episodes if mode == "episode" else score_first_step
-    outcomes = fn(model, env, transcripts, tokenizer, prefix=prefix, transform=transform, judge=judge, **kwargs)
+    outcomes = fn(model, env, transcripts, tokenizer, transform=transform, judge=judge, **kwargs)
     return Evaluation(rates(outcomes), tuple(outcomes))
 
 

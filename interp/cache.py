@@ -15,15 +15,18 @@ Example (any model handle from :func:`interp.models.load_model`)::
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
-from interp.models import Model, hook_name
+from interp.models import SITES, Model, Site, check_choice, hook_name, position_ids_from_mask
 from interp.positions import Pick, Selector, parse
 from interp.store import ActivationStore, Activations, concat
 from interp.transcripts import RenderedTranscript, Transcript, render
@@ -35,8 +38,8 @@ def resolve_layers(model: Model, layers: str | int | Sequence[int]) -> list[int]
         if layers != "all":
             raise ValueError(f"layers must be 'all', an integer or a list of integers, got {layers!r}")
         return list(range(model.n_layers))
-    if isinstance(layers, int):
-        layers = [layers]
+    if not hasattr(layers, "__iter__"):
+        layers = [layers]  # one index, of any integer type (checked below)
     return sorted(set(model.check_layers(list(layers), "resid_post")))
 
 
@@ -56,19 +59,23 @@ def render_for(model: Model, transcripts: Sequence[Transcript | RenderedTranscri
     return out
 
 
-def pad_batch(rendered: Sequence[RenderedTranscript], pad_id: int, side: str = "left"
-              ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """Pad token ids into ``input_ids, attention_mask [batch, pos]`` and return each row's
-    offset (where its first token sits) so positions can be shifted: ``[batch]``."""
-    if side not in ("left", "right"):
-        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
-    width = max(len(r) for r in rendered)
-    ids = torch.full((len(rendered), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rendered), width), dtype=torch.long)
-    offsets = np.zeros(len(rendered), dtype=np.int64)
-    for b, r in enumerate(rendered):
+PaddingSide = Literal["left", "right"]
+
+
+def pad_batch(sequences: Sequence[RenderedTranscript | Sequence[int] | np.ndarray], pad_id: int,
+              side: PaddingSide = "left") -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """Pad token ids (rendered transcripts or id sequences) into ``input_ids, attention_mask
+    [batch, pos]`` and return each row's offset (where its first token sits) so positions can be
+    shifted: ``[batch]``. The one padding routine of the toolkit."""
+    check_choice(side, get_args(PaddingSide), "padding side")
+    rows = [np.asarray(getattr(r, "input_ids", r), dtype=np.int64) for r in sequences]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    offsets = np.zeros(len(rows), dtype=np.int64)
+    for b, r in enumerate(rows):
         off = width - len(r) if side == "left" else 0
-        ids[b, off:off + len(r)] = torch.as_tensor(r.input_ids)
+        ids[b, off:off + len(r)] = torch.from_numpy(r)
         mask[b, off:off + len(r)] = 1
         offsets[b] = off
     return ids, mask, offsets
@@ -145,13 +152,13 @@ def cache_activations(
     transcripts: Sequence[Transcript | RenderedTranscript],
     *,
     layers: str | int | Sequence[int] = "all",
-    site: str = "resid_post",
+    site: Site = "resid_post",
     positions: Selector | str = "decision",
     batch_size: int = 8,
     store: str | Path | None = None,
     shard_size: int = 256,
     dtype: torch.dtype = torch.float32,
-    padding_side: str = "left",
+    padding_side: PaddingSide = "left",
     truncate: bool = False,
     progress: bool = True,
 ) -> Activations | ActivationStore:
@@ -177,8 +184,7 @@ def cache_activations(
         :class:`Activations` with ``acts [rows, n_layers, d_model]``, or the
         :class:`ActivationStore` when ``store`` is given.
     """
-    if site not in ("resid_pre", "resid_mid", "resid_post"):
-        model.check_layers([0], site)  # raises the standard message
+    check_choice(site, SITES, "site")
     layers = resolve_layers(model, layers)
     model.check_layers(layers, site)
     if batch_size < 1 or shard_size < 1:
@@ -218,3 +224,116 @@ def _meta(model: Model, layers, site, selector, dtype, n, shard_size) -> dict:
         "selector": selector.name, "dtype": str(dtype).removeprefix("torch."), "n_transcripts": n,
         "shard_size": shard_size,
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Many prefixes on shared contexts
+
+
+@torch.no_grad()
+def cache_prefixed(
+    model: Model,
+    transcripts: Sequence[Transcript],
+    prefixes: Sequence[str | None],
+    *,
+    layers: str | int | Sequence[int] = "all",
+    site: Site = "resid_post",
+    batch_size: int = 32,
+    max_rows: int = 512,
+) -> torch.Tensor:
+    """The residual stream at the decision position (:func:`interp.positions.decision`: the last
+    token of a generation prompt, or of its forced prefix) of every transcript with every prefix
+    forced (None: no prefix): ``[n_prefixes, n_transcripts, n_layers, d_model]`` float32.
+
+    Each transcript's context (rendered for generation, without a prefix) runs once per batch of
+    ``batch_size`` transcripts; each prefix then runs only its own tokens on the context's
+    key-value cache, ``max_rows`` rows at a time. Tokens come from :func:`interp.transcripts.render`
+    of the transcript carrying the prefix; where the context's tokens are not a leading part of
+    them (a prefix that merges with the last context token), the whole sequence runs instead.
+    """
+    layers = resolve_layers(model, layers)
+    model.check_layers(layers, site)
+    contexts = render_for(model, [t.with_prefix(None) for t in transcripts])
+    full = [[r.input_ids.tolist() for r in render_for(model, [t.with_prefix(p or None) for t in transcripts])]
+            if p else [c.input_ids.tolist() for c in contexts] for p in prefixes]  # [P][T] ids
+    out = torch.empty(len(prefixes), len(transcripts), len(layers), model.d_model)
+    pad = model.tokenizer.pad_token_id or 0
+    slow: list[tuple[int, int]] = []
+    order = sorted(range(len(transcripts)), key=lambda t: len(contexts[t]))
+    for s in range(0, len(order), batch_size):
+        tasks = order[s:s + batch_size]
+        ctx = [contexts[t] for t in tasks]
+        ids, mask, _ = pad_batch(ctx, pad, "left")  # the context's last token is the last column
+        kv, last = _context_pass(model, ids, mask, layers, site)
+        tails: list[tuple[int, list[list[int] | None]]] = []  # (prefix index, per task its tokens after the context)
+        for p in range(len(prefixes)):
+            rows: list[list[int] | None] = []
+            for j, t in enumerate(tasks):
+                body, whole = contexts[t].input_ids.tolist(), full[p][t]
+                if whole[:len(body)] != body:
+                    slow.append((p, t))
+                    rows.append(None)
+                elif len(whole) == len(body):
+                    out[p, t] = last[j]
+                    rows.append(None)
+                else:
+                    rows.append(whole[len(body):])
+            if any(rows):
+                tails.append((p, rows))
+        tails.sort(key=lambda x: max(len(r) for r in x[1] if r))  # less padding
+        per_chunk = max(1, max_rows // len(tasks))
+        for c in range(0, len(tails), per_chunk):
+            _tail_pass(model, kv, mask, tails[c:c + per_chunk], tasks, layers, site, pad, out)
+    for s in range(0, len(slow), batch_size):  # contexts that do not end on a token boundary
+        part = slow[s:s + batch_size]
+        ids, mask, _ = pad_batch([full[p][t] for p, t in part], pad, "left")
+        got = model.residual(ids, mask, layers, site, gather=lambda x: x[:, -1].float().cpu())
+        acts = torch.stack([got[i] for i in layers], 1)
+        for j, (p, t) in enumerate(part):
+            out[p, t] = acts[j]
+    return out
+
+
+def _context_pass(model: Model, ids: torch.Tensor, mask: torch.Tensor, layers: list[int], site: Site):
+    """Run left-padded contexts once: their key-value cache and the last column's activations
+    ``[batch, n_layers, d_model]``."""
+    kv = DynamicCache()
+    got: dict[int, torch.Tensor] = {}
+    keep = {i: (lambda x, i=i: got.__setitem__(i, x[:, -1].float().cpu())) for i in layers}
+    with model.hooks(keep, site, stop_after=layers[-1]):
+        model.hf_model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                       position_ids=position_ids_from_mask(mask.to(model.device)), past_key_values=kv, use_cache=True)
+    return kv, torch.stack([got[i] for i in layers], 1)
+
+
+def _tail_pass(model: Model, kv, mask: torch.Tensor, chunk, tasks: list[int], layers: list[int], site: Site,
+               pad: int, out: torch.Tensor) -> None:
+    """Run the prefix tokens of ``chunk`` (several prefixes for the same batch of contexts) on a
+    copy of the contexts' key-value cache; write the last prefix token's activations into ``out``."""
+    B, K = len(tasks), len(chunk)
+    flat = [r or [] for _, rows in chunk for r in rows]  # [B*K] after the reshape below: prefix-major
+    m = max(len(r) for r in flat)
+    pids = torch.full((B, K, m), pad, dtype=torch.long)
+    pmask = torch.zeros((B, K, m), dtype=torch.long)
+    for k, (_, rows) in enumerate(chunk):
+        for j, r in enumerate(rows):
+            if r:
+                pids[j, k, :len(r)] = torch.tensor(r)
+                pmask[j, k, :len(r)] = 1
+    dev = model.device
+    pids, pmask = pids.view(B * K, m).to(dev), pmask.view(B * K, m).to(dev)
+    cache = copy.deepcopy(kv)
+    cache.batch_repeat_interleave(K)
+    attn = torch.cat([mask.to(dev).repeat_interleave(K, 0), pmask], 1)
+    pos = mask.to(dev).sum(1).repeat_interleave(K)[:, None] + torch.arange(m, device=dev)[None]
+    ends = (pmask.sum(1) - 1).clamp(min=0)
+    got: dict[int, torch.Tensor] = {}
+    rows_ = torch.arange(B * K, device=dev)
+    keep = {i: (lambda x, i=i: got.__setitem__(i, x[rows_, ends].float().cpu())) for i in layers}
+    with model.hooks(keep, site, stop_after=layers[-1]):
+        model.hf_model(input_ids=pids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
+    acts = torch.stack([got[i] for i in layers], 1).view(B, K, len(layers), -1)
+    for k, (p, rows) in enumerate(chunk):
+        for j, (t, r) in enumerate(zip(tasks, rows)):
+            if r:
+                out[p, t] = acts[j, k]

@@ -31,10 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from interp.cache import cache_activations
-from interp.models import Model
+from interp.cache import cache_activations, render_for
+from interp.models import Model, Site
+from interp.positions import Selector, every, parse
 from interp.store import Activations
-from interp.transcripts import Transcript
+from interp.transcripts import SEGMENT_KINDS, Transcript
 from probes import (Interval, auroc, bootstrap_ci, cosine_similarity, diff_in_means, dprime, fit_layer_probes,
                     grouped_train_test_split, project)
 
@@ -109,20 +110,21 @@ def cache_conditions(
     prefix: str,
     *,
     layers: str | Sequence[int] = "all",
-    site: str = "resid_post",
-    positions: str = "decision",
+    site: Site = "resid_post",
+    positions: Selector | str = "decision",
     batch_size: int = 16,
     progress: bool = True,
 ) -> dict[str, Activations]:
     """Activations of the three conditions at ``positions`` (default the decision position),
     plus every prefix token in the prefix condition: ``{"aligned", "finetuned", "prefix"} ->
-    Activations``."""
+    Activations``. The prefix condition is ``transcripts`` each carrying ``prefix``."""
+    positions = parse(positions)
     with_prefix = [t.with_prefix(prefix) for t in transcripts]
     kw = dict(layers=layers, site=site, batch_size=batch_size, progress=progress)
     return {
         "aligned": cache_activations(aligned, transcripts, positions=positions, **kw),
         "finetuned": cache_activations(finetuned, transcripts, positions=positions, **kw),
-        "prefix": cache_activations(finetuned, with_prefix, positions=f"every:prefix+{positions}", **kw),
+        "prefix": cache_activations(finetuned, with_prefix, positions=every("prefix") + positions, **kw),
     }
 
 
@@ -136,7 +138,7 @@ def compare(
     C: float | None = None,
     seed: int = 0,
     prefix_tokens: Sequence[str] | None = None,
-    at: str = "decision",
+    at: Selector | str = "decision",
 ) -> Comparison:
     """Compare the three conditions at every cached layer.
 
@@ -151,8 +153,38 @@ def compare(
             own, and one fit on the fine-tuned model's rows with and without the prefix.
         C: probe regularisation (None: chosen by grouped cross-validation on the train split).
         prefix_tokens: token strings of the prefix, for labelling per-token logits.
-        at: the selector whose rows are compared (one per transcript; default ``decision``).
+        at: the selector whose rows are compared (one per transcript; default ``decision()``).
     """
+    at = parse(at)
+    X, harmful, groups, layers = _stacked(acts, harmful, groups, at)
+    train, test = grouped_train_test_split(groups, test_size=test_size, seed=seed, y=harmful)
+    y_tr, y_te = harmful[train], harmful[test]
+    fit = dict(C=C, groups=groups[train] if C is None else None, layers=layers, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convergence chatter on near-separable layers
+        probes = {c: fit_layer_probes(X[c][train], y_tr, **fit) for c in CONDITIONS}
+    within = {c: _acc_auroc(probes[c].decision_function(X[c][test]), y_te) for c in CONDITIONS}
+    transfer = {c: _acc_auroc(probes["aligned"].decision_function(X[c][test]), y_te) for c in ("finetuned", "prefix")}
+    direction = _direction_summary(X, train, test, y_tr, y_te)
+    logit_probe, logit_probes, refusal_summary = _logit_probes(X, refused, probes, train, test, groups, fit)
+    harmful_test = test[y_te]
+    dlogit = {c: logit_probes[c].decision_function(X[c][harmful_test]) for c in CONDITIONS}  # [n_h, L]
+    records = [_layer_record(j, layer, within, transfer, direction, refusal_summary, dlogit, seed)
+               for j, layer in enumerate(layers)]
+    prefix_logits, tokens = _prefix_logits(acts["prefix"], harmful_test, logit_probes["prefix"], layers, seed,
+                                           prefix_tokens)
+    return Comparison(layers=records, prefix_tokens=tokens, prefix_logits=prefix_logits, logit_probe=logit_probe,
+                      n_train=int(len(train)), n_test=int(len(test)),
+                      meta={"site": acts["aligned"].site, "at": at.name, "test_size": test_size, "seed": seed,
+                            "n_harmful_test": int(len(harmful_test))},
+                      probes={**{f"harmful_{c}": probes[c] for c in CONDITIONS},
+                              **{f"logit_{c}": logit_probes[c] for c in CONDITIONS}},
+                      split=(train, test))
+
+
+def _stacked(acts: Mapping[str, Activations], harmful, groups, at: Selector):
+    """Each condition's ``at`` rows as ``[n, L, d]`` float tensors, checked against each other and
+    against the labels: ``(X, harmful [n] bool, groups [n], layers)``."""
     missing = [c for c in CONDITIONS if c not in acts]
     if missing:
         raise ValueError(f"acts lacks conditions {missing} (need {', '.join(CONDITIONS)})")
@@ -167,79 +199,60 @@ def compare(
         if len(dec[c].transcripts) != n or dec[c].layers != layers:
             raise ValueError(f"condition {c!r} holds {len(dec[c].transcripts)} transcripts at layers "
                              f"{list(dec[c].layers)}; expected {n} at {list(layers)}")
-    X = {c: dec[c].stack().float() for c in CONDITIONS}  # [n, L, d]
-    train, test = grouped_train_test_split(groups, test_size=test_size, seed=seed, y=harmful)
-    y_tr, y_te = harmful[train], harmful[test]
-    fit = dict(C=C, groups=groups[train] if C is None else None, layers=layers, random_state=seed)
+    return {c: dec[c].stack().float() for c in CONDITIONS}, harmful, groups, layers
 
-    probes = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # convergence chatter on near-separable layers
-        for c in CONDITIONS:
-            probes[c] = fit_layer_probes(X[c][train], y_tr, **fit)
-    within = {c: _acc_auroc(probes[c].decision_function(X[c][test]), y_te) for c in CONDITIONS}
-    transfer = {c: _acc_auroc(probes["aligned"].decision_function(X[c][test]), y_te) for c in ("finetuned", "prefix")}
 
+def _direction_summary(X, train, test, y_tr, y_te) -> dict[str, Any]:
+    """The aligned model's difference-in-means direction on each condition's test rows (AUROC, d′
+    per layer) and its cosine with the fine-tuned model's own direction."""
     direction = {c: diff_in_means(X[c][train], y_tr) for c in ("aligned", "finetuned")}  # [L, d]
-    cos = cosine_similarity(direction["aligned"], direction["finetuned"]).numpy()
     proj = {c: project(X[c][test], direction["aligned"]).double().numpy() for c in CONDITIONS}
-    dir_auroc = {c: np.asarray(auroc(y_te, proj[c])) for c in CONDITIONS}
-    dir_dprime = {c: dprime(torch.as_tensor(proj[c]), y_te).numpy() for c in CONDITIONS}
+    return {"cos": cosine_similarity(direction["aligned"], direction["finetuned"]).numpy(),
+            "auroc": {c: np.asarray(auroc(y_te, proj[c])) for c in CONDITIONS},
+            "dprime": {c: dprime(torch.as_tensor(proj[c]), y_te).numpy() for c in CONDITIONS}}
 
-    # decision logits: refusal probes when behaviour is known, else the harmful probes
-    refusal_summary = None
-    if refused is not None:
-        r = {c: np.asarray(refused[c], dtype=bool) for c in CONDITIONS}
-        logit_probe = "refusal"
-        aligned_probe = _fit_or_none(X["aligned"][train], r["aligned"][train], fit)
-        ft_rows = torch.cat([X["finetuned"][train], X["prefix"][train]])
-        ft_y = np.concatenate([r["finetuned"][train], r["prefix"][train]])
-        ft_fit = dict(fit, groups=np.concatenate([groups[train]] * 2) if C is None else None)
-        ft_probe = _fit_or_none(ft_rows, ft_y, ft_fit)
-        if ft_probe is not None:
-            te_rows = torch.cat([X["finetuned"][test], X["prefix"][test]])
-            te_y = np.concatenate([r["finetuned"][test], r["prefix"][test]])
-            if len(np.unique(te_y)) == 2:
-                refusal_summary = _acc_auroc(ft_probe.decision_function(te_rows), te_y)
-                refusal_summary["n"] = int(len(te_y))
-        logit_probes = {"aligned": aligned_probe or probes["aligned"], "finetuned": ft_probe or probes["finetuned"],
-                        "prefix": ft_probe or probes["finetuned"]}
-        if aligned_probe is None or ft_probe is None:
-            warnings.warn("refusal labels have a single class in some condition; its decision logits use the "
-                          "harmful probe instead", stacklevel=2)
-    else:
-        logit_probe = "harmful"
-        logit_probes = {"aligned": probes["aligned"], "finetuned": probes["finetuned"], "prefix": probes["finetuned"]}
 
-    harmful_test = test[y_te]
-    dlogit = {c: logit_probes[c].decision_function(X[c][harmful_test]) for c in CONDITIONS}  # [n_h, L]
+def _logit_probes(X, refused, probes, train, test, groups, fit) -> tuple[str, dict, dict | None]:
+    """The probes behind each condition's decision logits: refusal probes when behaviour is known
+    (the aligned model's own; one fit on the fine-tuned rows with and without the prefix), else
+    the harmful probes. Returns their kind, the probes and the refusal probe's held-out summary."""
+    if refused is None:
+        return "harmful", {"aligned": probes["aligned"], "finetuned": probes["finetuned"],
+                           "prefix": probes["finetuned"]}, None
+    r = {c: np.asarray(refused[c], dtype=bool) for c in CONDITIONS}
+    aligned_probe = _fit_or_none(X["aligned"][train], r["aligned"][train], fit)
+    ft_rows = torch.cat([X["finetuned"][train], X["prefix"][train]])
+    ft_y = np.concatenate([r["finetuned"][train], r["prefix"][train]])
+    ft_fit = dict(fit, groups=np.concatenate([groups[train]] * 2) if fit["C"] is None else None)
+    ft_probe = _fit_or_none(ft_rows, ft_y, ft_fit)
+    summary = None
+    if ft_probe is not None:
+        te_rows = torch.cat([X["finetuned"][test], X["prefix"][test]])
+        te_y = np.concatenate([r["finetuned"][test], r["prefix"][test]])
+        if len(np.unique(te_y)) == 2:
+            summary = _acc_auroc(ft_probe.decision_function(te_rows), te_y)
+            summary["n"] = int(len(te_y))
+    if aligned_probe is None or ft_probe is None:
+        warnings.warn("refusal labels have a single class in some condition; its decision logits use the "
+                      "harmful probe instead", stacklevel=3)
+    return "refusal", {"aligned": aligned_probe or probes["aligned"], "finetuned": ft_probe or probes["finetuned"],
+                       "prefix": ft_probe or probes["finetuned"]}, summary
 
-    records = []
-    for j, layer in enumerate(layers):
-        rec = {"layer": int(layer)}
-        for c in CONDITIONS:
-            rec[c] = _summary(within[c], j)
-        for c in ("finetuned", "prefix"):
-            rec[f"transfer_to_{c}"] = _summary(transfer[c], j)
-        rec["direction"] = {
-            "auroc": {c: float(dir_auroc[c][j]) for c in CONDITIONS},
-            "dprime": {c: float(dir_dprime[c][j]) for c in CONDITIONS},
-            "cosine_aligned_finetuned": float(cos[j]),
-        }
-        rec["refusal"] = None if refusal_summary is None else {**_summary(refusal_summary, j),
-                                                               "n": refusal_summary["n"]}
-        rec["decision_logit"] = {c: _mean_interval(dlogit[c][:, j], seed).to_dict() for c in CONDITIONS}
-        records.append(rec)
 
-    prefix_logits, tokens = _prefix_logits(acts["prefix"], harmful_test, logit_probes["prefix"], layers, seed,
-                                           prefix_tokens)
-    return Comparison(layers=records, prefix_tokens=tokens, prefix_logits=prefix_logits, logit_probe=logit_probe,
-                      n_train=int(len(train)), n_test=int(len(test)),
-                      meta={"site": dec["aligned"].site, "at": at, "test_size": test_size, "seed": seed,
-                            "n_harmful_test": int(len(harmful_test))},
-                      probes={**{f"harmful_{c}": probes[c] for c in CONDITIONS},
-                              **{f"logit_{c}": logit_probes[c] for c in CONDITIONS}},
-                      split=(train, test))
+def _layer_record(j, layer, within, transfer, direction, refusal_summary, dlogit, seed) -> dict:
+    rec: dict[str, Any] = {"layer": int(layer)}
+    for c in CONDITIONS:
+        rec[c] = _summary(within[c], j)
+    for c in ("finetuned", "prefix"):
+        rec[f"transfer_to_{c}"] = _summary(transfer[c], j)
+    rec["direction"] = {
+        "auroc": {c: float(direction["auroc"][c][j]) for c in CONDITIONS},
+        "dprime": {c: float(direction["dprime"][c][j]) for c in CONDITIONS},
+        "cosine_aligned_finetuned": float(direction["cos"][j]),
+    }
+    rec["refusal"] = None if refusal_summary is None else {**_summary(refusal_summary, j), "n": refusal_summary["n"]}
+    rec["decision_logit"] = {c: _mean_interval(dlogit[c][:, j], seed).to_dict() for c in CONDITIONS}
+    return rec
 
 
 def _fit_or_none(X, y, fit):
@@ -254,9 +267,9 @@ def _fit_or_none(X, y, fit):
 def _prefix_logits(prefix_acts: Activations, harmful_test: np.ndarray, probe, layers, seed,
                    prefix_tokens) -> tuple[list[dict], list[str]]:
     """Mean probe logit (with intervals) at each prefix token over harmful test transcripts."""
-    if "every:prefix" not in set(prefix_acts.selectors):
+    if every("prefix") not in set(prefix_acts.selectors):
         return [], []
-    rows = prefix_acts.where(selector="every:prefix")
+    rows = prefix_acts.where(selector=every("prefix"))
     t = rows.rows["transcript"]
     keep = np.isin(t, harmful_test)
     counts = np.bincount(t[keep], minlength=len(prefix_acts.transcripts))[harmful_test]
@@ -274,11 +287,12 @@ def _prefix_logits(prefix_acts: Activations, harmful_test: np.ndarray, probe, la
 
 
 def pca_projection(acts: Mapping[str, Activations], layer: int, harmful: np.ndarray,
-                   refused: Mapping[str, np.ndarray] | None = None, at: str = "decision") -> dict:
+                   refused: Mapping[str, np.ndarray] | None = None, at: Selector | str = "decision") -> dict:
     """Each condition's ``at`` activations at ``layer`` on the aligned model's first two
     principal components (one basis for all, so shifts between conditions show):
     ``{"layer", "site", "explained_variance_ratio", "basis", "conditions": {c: {"x", "y",
     "harmful", "refused"}}}``."""
+    at = parse(at)
     X = {c: acts[c].where(selector=at).layer(layer).double() for c in CONDITIONS}  # [n, d]
     mean = X["aligned"].mean(0)
     _, s, v = torch.linalg.svd(X["aligned"] - mean, full_matrices=False)
@@ -294,12 +308,9 @@ def pca_projection(acts: Mapping[str, Activations], layer: int, harmful: np.ndar
 
 
 def token_logits(model: Model, transcripts: Sequence[Transcript], coef: np.ndarray, intercept: float, layer: int,
-                 *, site: str = "resid_post", batch_size: int = 16, progress: bool = False) -> list[dict]:
+                 *, site: Site = "resid_post", batch_size: int = 16, progress: bool = False) -> list[dict]:
     """A linear probe's logit at every token of each transcript:
     ``[{"id", "tokens", "kinds", "logits"}]`` (``coef [d_model]`` on ``site`` of ``layer``)."""
-    from interp.cache import render_for
-    from interp.transcripts import SEGMENT_KINDS
-
     rendered = render_for(model, transcripts)
     acts = cache_activations(model, rendered, layers=[layer], site=site, positions="all", batch_size=batch_size,
                              progress=progress)

@@ -6,7 +6,7 @@ so a killed run started again resumes (``--fresh`` starts over):
 1. **organism**: the shipped aligned and fine-tuned checkpoints (trained here if absent) and
    their refusal-versus-fine-tuning-steps curves -> ``results/curve*.json``;
 2. **ping**: PING on the validation split, the probe-guided search, steering, and the test-split
-   table of the models, PING and every baseline (:mod:`interp.ping_cli`) -> ``results/
+   table of the models, PING and every baseline (:mod:`interp.ping.__main__`) -> ``results/
    behaviour.json``, ``ping_history.jsonl``, ``ping_guided_history.jsonl``, ``steering.json``,
    ``ping.json``;
 3. **comparison**: decision-position probes per layer for the aligned model, the fine-tuned
@@ -34,7 +34,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from interp.store import save_json
+from rich.console import Console
+from rich.table import Table
+
+from interp.atomic import save_json
+from interp.attribution import ProbeLogit, kind_effects, mean_residual, rank_agreement, segment_attributions
+from interp.cache import cache_activations
+from interp.compare import pca_projection, token_logits
+from interp.figures import write_figures
+from interp.models import load_model
+from interp.organism import CHECKPOINT_DIR, World, checkpoint_path
+from interp.organism.placement import PLACEMENTS, placed
+from interp.organism.train import OrganismConfig, train
+from interp.ping.__main__ import PingConfig
+from interp.ping.__main__ import run as run_ping_study
+from interp.positions import decision
+from interp.probe import comparison, refusals
+from probes import fit_layer_probes
 
 STAGES = ("organism", "ping", "comparison", "attribution", "figures")
 PING_FILES = ("behaviour.json", "ping_history.jsonl", "ping_guided_history.jsonl", "steering.json", "ping.json")
@@ -52,12 +68,9 @@ def _log(msg: str) -> None:
 
 
 def stage_organism(a, results: Path) -> None:
-    from interp.organism import CHECKPOINT_DIR
 
     root = Path(a.checkpoints) if a.checkpoints else CHECKPOINT_DIR
     if not (root / "organism-finetuned" / "config.json").exists():
-        from interp.organism.train import OrganismConfig, train
-
         _log(f"no organism checkpoints in {root}; training them (about 10 minutes)")
         train(OrganismConfig(seed=0), root, progress=not a.no_progress)
     for curve in sorted(root.glob("curve*.json")):
@@ -65,22 +78,14 @@ def stage_organism(a, results: Path) -> None:
 
 
 def stage_ping(a, results: Path) -> None:
-    from interp import ping_cli
-
-    argv = ["--out", str(a.out / "ping"), "--rounds", str(a.rounds), "--seed", str(a.seed)]
-    if a.checkpoints:
-        argv += ["--checkpoints", str(a.checkpoints)]
-    if a.no_progress:
-        argv.append("--no-progress")
-    ping_cli.main(argv)
+    summary = run_ping_study(PingConfig(subject="organism", out=a.out / "ping", checkpoints=a.checkpoints,
+                                        rounds=a.rounds, seed=a.seed, progress=not a.no_progress))
+    _log(f"PING prefix {summary['best_prefix']!r} (validation score {summary['validation']['score']:.3f})")
     for name in PING_FILES:
         shutil.copyfile(a.out / "ping" / name, results / name)
 
 
 def _models(a):
-    from interp.models import load_model
-    from interp.organism import checkpoint_path
-
     root = Path(a.checkpoints) if a.checkpoints else None
     return (load_model(str(checkpoint_path("organism", root)), backend=a.backend),
             load_model(str(checkpoint_path("organism-finetuned", root)), backend=a.backend))
@@ -91,10 +96,6 @@ def _ping_prefix(results: Path) -> str:
 
 
 def stage_comparison(a, results: Path) -> None:
-    from interp.compare import pca_projection, token_logits
-    from interp.organism import World
-    from interp.probe import comparison
-
     aligned, finetuned = _models(a)
     prefix = _ping_prefix(results)
     transcripts = [t.transcript() for t in World().sample("test", a.n_per_label, seed=a.seed)]
@@ -126,12 +127,6 @@ def _readout_layer(comparison: dict) -> int:
 
 
 def stage_attribution(a, results: Path) -> None:
-    from interp.attribution import ProbeLogit, kind_effects, mean_residual, rank_agreement, segment_attributions
-    from interp.organism import World
-    from interp.organism.placement import PLACEMENTS, placed
-    from interp.probe import refusals
-    from probes import fit_layer_probes
-
     aligned, finetuned = _models(a)
     prefix = _ping_prefix(results)
     comp = json.loads((results / "comparison.json").read_text())
@@ -139,19 +134,18 @@ def stage_attribution(a, results: Path) -> None:
     world = World()
 
     def refusal_probe(model, ts, refused) -> ProbeLogit:
-        from interp.cache import cache_activations
-
         acts = cache_activations(model, ts, layers=[layer], positions="decision", progress=False)
-        X = acts.where(selector="decision").stack().float()
+        X = acts.where(selector=decision()).stack().float()
         probe = fit_layer_probes(X, refused, layers=[layer])
         return ProbeLogit.from_probes(probe, layer)
 
     # a refusal probe per model, fitted on training-split tasks (the fine-tuned one with and without PING)
-    train = [t.transcript() for t in world.sample("train", a.n_per_label, seed=a.seed)]
-    ft_train = train + [t.with_prefix(prefix) for t in train]
-    metrics = {"aligned": refusal_probe(aligned, train, refusals(aligned, train)),
+    train_ts = [t.transcript() for t in world.sample("train", a.n_per_label, seed=a.seed)]
+    ft_train = train_ts + [t.with_prefix(prefix) for t in train_ts]
+    metrics = {"aligned": refusal_probe(aligned, train_ts, refusals(aligned, train_ts)),
                "finetuned": refusal_probe(finetuned, ft_train,
-                                          np.concatenate([refusals(finetuned, train), refusals(finetuned, train, prefix)]))}
+                                          np.concatenate([refusals(finetuned, train_ts),
+                                                          refusals(finetuned, [t.with_prefix(prefix) for t in train_ts])]))}
     reference = [t.transcript() for t in world.sample("validation", a.n_per_label, seed=a.seed)]
     baselines = {"aligned": mean_residual(aligned, reference, progress=False),
                  "finetuned": mean_residual(finetuned, reference + [t.with_prefix(prefix) for t in reference],
@@ -187,15 +181,13 @@ def stage_attribution(a, results: Path) -> None:
             kinds = [k for k in eff.kinds if k not in ("template", "prefix")]
             conditions.append({"placement": placement, "model": model_name, "kinds": kinds,
                                "effect": [float(eff.mean[eff.kinds.index(k), 0]) for k in kinds],
-                               "harmful_refusal": float(refusals(model, ts, p).mean()), "n": len(ts)})
+                               "harmful_refusal": float(refusals(model, run).mean()), "n": len(ts)})
     out["placement"] = {"layer": 0, "conditions": conditions,
                         "note": "effect of mean-ablating each segment kind from the embeddings on (layer 0)"}
     save_json(out, results / "attribution.json")
 
 
 def stage_figures(a, results: Path) -> None:
-    from interp.figures import write_figures
-
     done = write_figures(results, a.figures, png=not a.no_png)
     for note in done.notes:
         _log(note)
@@ -281,9 +273,6 @@ def main(argv: list[str] | None = None) -> int:
         _log(f"{s} ...")
         RUNNERS[s](a, results)
         _log(f"{s}: {time.time() - t:.0f} s")
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title=f"agent-refusal-interp demo ({time.time() - t0:.0f} s); results in {results}, "
                         f"figures in {a.figures}/")
     table.add_column("what")

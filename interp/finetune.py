@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import math
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -26,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from interp.store import save_json
+from interp.atomic import atomic_dir, save_json
 from interp.transcripts import KIND_INDEX, Transcript, TranscriptError, render
 
 END_OF_TURN_TOKENS = ("<|end|>", "<|eot_id|>", "<|im_end|>", "<end_of_turn>", "<|end_of_text|>", "<|endoftext|>")
@@ -337,21 +335,10 @@ def save_checkpoint(model: Any, tokenizer: Any, path: str | Path, metadata: Mapp
     to a temporary folder beside it, then renamed over any previous checkpoint there.
     ``metadata`` goes to ``training.json`` in the checkpoint."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    old = path.with_name(f".{path.name}.old")
-    try:
+    with atomic_dir(path) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if metadata is not None:
             save_json(dict(metadata), tmp / "training.json")
-        shutil.rmtree(old, ignore_errors=True)
-        if path.exists():
-            path.rename(old)
-        tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
     return path

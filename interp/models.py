@@ -1,13 +1,17 @@
-"""Load any Hugging Face causal LM behind one handle, on one of three backends.
+"""Load any Hugging Face causal LM behind one handle, on one of three backends, and hook it.
 
 - ``"hf"``: plain ``transformers`` with PyTorch forward hooks (the fastest; no extra layer);
-- ``"bridge"``: TransformerLens 4 ``TransformerBridge`` (hook names ``blocks.{i}.hook_resid_*``);
+- ``"bridge"``: TransformerLens 4 ``TransformerBridge`` (hook points ``blocks.{i}.hook_resid_*``);
 - ``"nnsight"``: nnsight 0.8 ``NNsight`` over the same model (and the route to NDIF).
 
-Whatever the backend, :meth:`Model.residual` reads the residual stream at ``resid_pre``,
-``resid_mid`` or ``resid_post`` of chosen layers, stops after the highest one, and can reduce
-each layer's ``[batch, pos, d_model]`` to the rows you keep inside the hook, so memory grows with
-what is kept rather than with sequence length.
+:meth:`Model.hooks` is the one place where the toolkit attaches anything to a model's residual
+stream: a context manager that calls a function on ``resid_pre``, ``resid_mid`` or
+``resid_post`` of chosen layers during every forward inside the block (generation included),
+lets the function replace the activations, and can stop the forward after a layer. Caching,
+steering, attribution and the PING screen all go through it. :meth:`Model.residual` reads the
+stream (through :meth:`Model.hooks` on ``hf`` and ``bridge``, through an nnsight trace on
+``nnsight``, which is what remote execution needs) and can reduce each layer's
+``[batch, pos, d_model]`` to the rows kept inside the hook, so memory grows with what is kept.
 
 >>> SITES
 ('resid_pre', 'resid_mid', 'resid_post')
@@ -17,25 +21,36 @@ what is kept rather than with sequence length.
 
 from __future__ import annotations
 
+import operator
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-SITES = ("resid_pre", "resid_mid", "resid_post")
-BACKENDS = ("hf", "bridge", "nnsight")
+Site = Literal["resid_pre", "resid_mid", "resid_post"]
+Backend = Literal["hf", "bridge", "nnsight"]
+SITES: tuple[str, ...] = get_args(Site)
+BACKENDS: tuple[str, ...] = get_args(Backend)
 
 # Where decoder layers live, and which module inside a layer reads the residual stream after
 # attention (its input is resid_mid). Checked in order; the first present wins.
 _LAYER_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "transformer.layers")
 _MID_NORMS = ("pre_feedforward_layernorm", "post_attention_layernorm", "ln_2")
+_FINAL_NORMS = ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.decoder.final_layer_norm",
+                "transformer.norm")
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
 """Reduces one layer's ``[batch, pos, d_model]`` activations to what is kept, e.g. ``[rows, d_model]``."""
+
+HookFn = Callable[[torch.Tensor], "torch.Tensor | None"]
+"""Called with the residual stream ``[batch, pos, d_model]`` at one site of one layer; returns a
+tensor of the same shape to replace it, or None to leave it as it is."""
 
 
 def hook_name(layer: int, site: str) -> str:
@@ -43,8 +58,19 @@ def hook_name(layer: int, site: str) -> str:
     return f"blocks.{layer}.hook_{site}"
 
 
+def check_choice(value: Any, options: tuple[str, ...], what: str) -> str:
+    """``value`` if it is one of ``options``, else a ValueError naming ``what`` and the options."""
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"unknown {what} {value!r} (expected one of {', '.join(options)})")
+    return value
+
+
 class _Stop(Exception):
-    """Raised from a hook once the highest requested layer has been read."""
+    """Raised from a hook once the requested layer has run; carries the context that raised it."""
+
+    def __init__(self, owner: object):
+        super().__init__("stopped after the requested layer")
+        self.owner = owner
 
 
 def _attr_path(root: Any, path: str) -> Any:
@@ -81,13 +107,22 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def _as_layer_index(layer: Any) -> int:
+    if isinstance(layer, bool):
+        raise ValueError(f"layer {layer!r} is not an integer")
+    try:
+        return operator.index(layer)  # int, numpy and torch integers
+    except TypeError:
+        raise ValueError(f"layer {layer!r} is not an integer") from None
+
+
 @dataclass(eq=False)
 class Model:
     """A loaded causal LM. ``hf_model`` is the ``transformers`` model every backend runs;
     ``native`` is the backend's own object (the model, a ``TransformerBridge``, or ``NNsight``)."""
 
     name: str
-    backend: str
+    backend: Backend
     hf_model: nn.Module
     tokenizer: Any
     native: Any
@@ -114,28 +149,122 @@ class Model:
         return next(self.hf_model.parameters()).device
 
     @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf_model.parameters()).dtype
+
+    @property
     def layers(self) -> nn.ModuleList:
         """The decoder layers of the underlying ``transformers`` model."""
         return _attr_path(self.hf_model, self.layers_path)
 
-    def check_layers(self, layers: Sequence[int], site: str) -> list[int]:
-        """Validate layer indices (negative ones count from the end) and the site."""
-        if site not in SITES:
-            raise ValueError(f"unknown site {site!r} (expected one of {', '.join(SITES)})")
+    def check_layers(self, layers: Sequence[int], site: Site) -> list[int]:
+        """Validate layer indices (negative ones count from the end; any integer type) and the site."""
+        check_choice(site, SITES, "site")
+        if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) and not hasattr(layers, "__iter__"):
+            raise ValueError(f"layers must be a list of integers, got {layers!r}")
+        layers = list(layers)
         if len(layers) == 0:
             raise ValueError("no layers requested")
         out = []
         for layer in layers:
-            if not isinstance(layer, (int,)) or isinstance(layer, bool):
-                raise ValueError(f"layer {layer!r} is not an integer")
-            i = layer + self.n_layers if layer < 0 else layer
+            index = _as_layer_index(layer)
+            i = index + self.n_layers if index < 0 else index
             if not 0 <= i < self.n_layers:
-                raise ValueError(f"layer {layer} is out of range: {self.name} has {self.n_layers} layers (0..{self.n_layers - 1})")
+                raise ValueError(f"layer {index} is out of range: {self.name} has {self.n_layers} layers (0..{self.n_layers - 1})")
             out.append(i)
         if site == "resid_mid" and self.backend != "bridge" and _mid_norm_name(self.layers[0]) is None:
             raise ValueError(f"resid_mid is not located for {type(self.layers[0]).__name__} on backend "
                              f"{self.backend!r} (no second norm module); use backend='bridge'")
         return out
+
+    # -- the one hook site ---------------------------------------------------------------------
+
+    @contextmanager
+    def hooks(self, fns: Mapping[int, HookFn], site: Site = "resid_post", *,
+              stop_after: int | None = None) -> Iterator[None]:
+        """Call ``fns[layer]`` on the residual stream at ``site`` of each layer during every forward
+        inside the block; a function may return a replacement ``[batch, pos, d_model]``.
+
+        ``stop_after`` ends a forward once that layer's ``site`` has run (the forward returns
+        nothing; the block goes on). Hooks stack: an inner block's functions see what outer ones
+        wrote, and hooks at one site run in the order they were entered. On ``hf`` and ``nnsight``
+        the hooks are PyTorch hooks on the ``transformers`` modules (``resid_mid`` is the input of
+        the block's second norm: a replacement there changes what the MLP reads, not the residual
+        carried past it); on ``bridge`` they are the bridge's own hook points
+        ``blocks.{i}.hook_resid_*`` (a ``resid_mid`` replacement changes the residual itself)::
+
+            with model.hooks({3: lambda x: x + shift}, "resid_pre"):
+                model.hf_model(...)                       # layer 3 reads the shifted stream
+        """
+        layers = self.check_layers(list(fns), site)
+        if stop_after is not None:
+            stop_after = self.check_layers([stop_after], site)[0]
+        calls = {i: fns[k] for i, k in zip(layers, fns)}
+        owner = object()
+
+        def call(i: int, x: torch.Tensor) -> torch.Tensor | None:
+            y = calls[i](x)
+            if i == stop_after:
+                raise _Stop(owner)
+            return y
+
+        with ExitStack() as stack:
+            for i in calls:
+                stack.callback(self._attach(i, site, lambda x, i=i: call(i, x)))
+            if stop_after is not None and stop_after not in calls:
+                stack.callback(self._attach(stop_after, site, lambda x: call(stop_after, x)))
+                calls[stop_after] = lambda x: None
+            try:
+                yield
+            except _Stop as e:
+                if e.owner is not owner:
+                    raise
+
+    def _attach(self, i: int, site: Site, fn: HookFn) -> Callable[[], None]:
+        """Attach ``fn`` at ``site`` of layer ``i``; returns the function that detaches it."""
+        if self.backend == "bridge":
+            point = _attr_path(self.native, hook_name(i, site))
+            handle = point.add_hook(lambda x, hook: fn(x))
+
+            def detach() -> None:
+                handle.hook.remove()
+                point.fwd_hooks = [h for h in point.fwd_hooks if h is not handle]
+            return detach
+        layer = self.layers[i]
+        if site == "resid_pre":
+            def pre(mod, args, kwargs):
+                x = args[0] if args else kwargs["hidden_states"]
+                y = fn(x)
+                if y is None:
+                    return None
+                return ((y, *args[1:]), kwargs) if args else (args, dict(kwargs, hidden_states=y))
+            return layer.register_forward_pre_hook(pre, with_kwargs=True).remove
+        if site == "resid_mid":
+            def mid(mod, args):
+                y = fn(args[0])
+                return None if y is None else (y, *args[1:])
+            return getattr(layer, _mid_norm_name(layer)).register_forward_pre_hook(mid).remove
+
+        def post(mod, args, output):
+            y = fn(_first_tensor(output))
+            if y is None:
+                return None
+            return (y, *output[1:]) if isinstance(output, tuple) else y
+        return layer.register_forward_hook(post).remove
+
+    # -- forwards --------------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> Any:
+        """One forward of the backend's model with positions derived from the mask (any padding
+        side); ``hf``/``nnsight`` return the ``transformers`` output, ``bridge`` the bridge's."""
+        dev = self.device
+        input_ids, attention_mask = input_ids.to(dev), attention_mask.to(dev)
+        position_ids = position_ids_from_mask(attention_mask)
+        if self.backend == "bridge":
+            return self.native(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               return_type=kwargs.pop("return_type", "logits"), **kwargs)
+        return self.hf_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             **{"use_cache": False, **kwargs})
 
     @torch.no_grad()
     def residual(
@@ -143,7 +272,7 @@ class Model:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         layers: Sequence[int],
-        site: str = "resid_post",
+        site: Site = "resid_post",
         gather: Gather | None = None,
     ) -> dict[int, torch.Tensor]:
         """Read the residual stream at ``site`` of each of ``layers``.
@@ -160,84 +289,65 @@ class Model:
         """
         layers = sorted(set(self.check_layers(layers, site)))
         gather = gather or (lambda x: x)
+        if self.backend == "nnsight":
+            return self._trace_residual(input_ids, attention_mask, layers, site, gather)
+        out: dict[int, torch.Tensor] = {}
+
+        def keep(i: int) -> HookFn:
+            def fn(x: torch.Tensor) -> None:
+                out[i] = gather(x)
+            return fn
+
+        with self.hooks({i: keep(i) for i in layers}, site, stop_after=layers[-1]):
+            self.forward(input_ids, attention_mask, **({"return_type": None} if self.backend == "bridge" else {}))
+        return out
+
+    def _trace_residual(self, ids, mask, layers, site, gather) -> dict[int, torch.Tensor]:
+        """nnsight's own reading: saved values inside a trace (the path that can run remotely)."""
         dev = self.device
-        input_ids, attention_mask = input_ids.to(dev), attention_mask.to(dev)
-        position_ids = position_ids_from_mask(attention_mask)
-        reader = {"hf": _read_hf, "bridge": _read_bridge, "nnsight": _read_nnsight}[self.backend]
-        return reader(self, input_ids, attention_mask, position_ids, layers, site, gather)
+        ids, mask = ids.to(dev), mask.to(dev)
+        saved = {}
+        envoys = _attr_path(self.native, self.layers_path)
+        mid = _mid_norm_name(self.layers[0])
+        with self.native.trace(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                               use_cache=False) as tracer:
+            for i in layers:  # nnsight needs values requested in execution order
+                env = envoys[i]
+                if site == "resid_pre":
+                    x = env.input
+                elif site == "resid_mid":
+                    x = getattr(env, mid).input
+                else:
+                    x = _first_tensor(env.output)
+                saved[i] = gather(x).save()
+            tracer.stop()
+        return dict(saved)
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """``[batch, pos, d_vocab]`` logits of a plain forward (padding-correct positions)."""
+        """``[batch, pos, d_vocab]`` logits of a plain ``transformers`` forward (padding-correct positions)."""
         dev = self.device
         attention_mask = attention_mask.to(dev)
         return self.hf_model(input_ids=input_ids.to(dev), attention_mask=attention_mask,
                              position_ids=position_ids_from_mask(attention_mask)).logits
 
+    def unembed(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits from the last block's output: the final norm, the output embedding and any
+        logit soft-capping, on ``[..., d_model]`` → ``[..., d_vocab]`` (so a caller can unembed
+        only the rows it needs)."""
+        norm = next((m for m in (_try_path(self.hf_model, p) for p in _FINAL_NORMS) if m is not None), None)
+        if norm is None:
+            raise ValueError(f"cannot find the final norm of {type(self.hf_model).__name__}")
+        logits = self.hf_model.get_output_embeddings()(norm(x))
+        cap = getattr(self.hf_model.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
 
-def _read_hf(m: Model, ids, mask, pos, layers, site, gather) -> dict[int, torch.Tensor]:
-    out: dict[int, torch.Tensor] = {}
-    last = layers[-1]
-    handles = []
 
-    def keep(i: int, x: torch.Tensor) -> None:
-        out[i] = gather(x)
-        if i == last:
-            raise _Stop
-
-    for i in layers:
-        layer = m.layers[i]
-        if site == "resid_pre":
-            handles.append(layer.register_forward_pre_hook(
-                lambda mod, args, kwargs, i=i: keep(i, args[0] if args else kwargs["hidden_states"]),
-                with_kwargs=True))
-        elif site == "resid_mid":
-            norm = getattr(layer, _mid_norm_name(layer))
-            handles.append(norm.register_forward_pre_hook(lambda mod, args, i=i: keep(i, args[0])))
-        else:
-            handles.append(layer.register_forward_hook(lambda mod, args, output, i=i: keep(i, _first_tensor(output))))
+def _try_path(root: Any, path: str) -> Any:
     try:
-        m.hf_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    return out
-
-
-def _read_bridge(m: Model, ids, mask, pos, layers, site, gather) -> dict[int, torch.Tensor]:
-    out: dict[int, torch.Tensor] = {}
-
-    def hook_for(i: int):
-        def hook(x, hook):
-            out[i] = gather(x)
-            return x
-        return hook
-
-    stop = layers[-1] + 1
-    m.native.run_with_hooks(ids, attention_mask=mask, position_ids=pos,
-                            fwd_hooks=[(hook_name(i, site), hook_for(i)) for i in layers],
-                            return_type=None, stop_at_layer=stop if stop < m.n_layers else None)
-    return out
-
-
-def _read_nnsight(m: Model, ids, mask, pos, layers, site, gather) -> dict[int, torch.Tensor]:
-    saved = {}
-    envoys = _attr_path(m.native, m.layers_path)
-    mid = _mid_norm_name(m.layers[0])
-    with m.native.trace(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False) as tracer:
-        for i in layers:  # nnsight needs values requested in execution order
-            env = envoys[i]
-            if site == "resid_pre":
-                x = env.input
-            elif site == "resid_mid":
-                x = getattr(env, mid).input
-            else:
-                x = _first_tensor(env.output)
-            saved[i] = gather(x).save()
-        tracer.stop()
-    return {i: v for i, v in saved.items()}
+        return _attr_path(root, path)
+    except AttributeError:
+        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -317,7 +427,7 @@ def _default_device() -> str:
 
 def load_model(
     name_or_path: str | Path,
-    backend: str = "hf",
+    backend: Backend = "hf",
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
@@ -341,10 +451,7 @@ def load_model(
             compute exactly the same thing; pass ``"sdpa"`` for speed on ``"hf"``/``"nnsight"``.
         tokenizer: a tokenizer to use instead of the one saved with the model.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r} (expected one of {', '.join(BACKENDS)})")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    check_choice(backend, BACKENDS, "backend")
     source = resolve(name_or_path)
     path, local = source.path, source.local
     kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=trust_remote_code, revision=revision)
@@ -369,7 +476,7 @@ def load_model(
     layers_path = _find_layers(hf_model)
     native: Any = hf_model
     if backend == "bridge":
-        from transformer_lens.model_bridge import TransformerBridge
+        from transformer_lens.model_bridge import TransformerBridge  # heavy, and only this backend needs it
 
         boot_kwargs: dict[str, Any] = dict(hf_model=hf_model, tokenizer=tok, dtype=dtype,
                                            trust_remote_code=trust_remote_code)
@@ -378,7 +485,7 @@ def load_model(
         native = TransformerBridge.boot_transformers(path, **boot_kwargs)
         native.eval()
     elif backend == "nnsight":
-        from nnsight import NNsight
+        from nnsight import NNsight  # heavy, and only this backend needs it
 
         native = NNsight(hf_model)
     return Model(name=str(name_or_path), backend=backend, hf_model=hf_model, tokenizer=tok, native=native,

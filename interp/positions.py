@@ -32,7 +32,7 @@ class Pick:
     """One kept row: the token positions averaged into it (one position for most selectors)."""
 
     positions: tuple[int, ...]
-    selector: str  # the name of the selector that made it, e.g. "every:prefix"
+    selector: Selector  # the selector that made it, e.g. every("prefix")
 
     @property
     def position(self) -> int:
@@ -51,7 +51,7 @@ class Selector:
     def __call__(self, r: RenderedTranscript) -> list[Pick]:
         picks = self.select(r)
         if not picks:
-            raise PositionError(f"selector {self.name!r} matches no token in transcript {r.id!r}")
+            raise PositionError(f"selector {self.name!r} matches no token in transcript {r.id!r}{_empty_note(self, r)}")
         return picks
 
     def __add__(self, other: Selector) -> Selector:
@@ -62,6 +62,12 @@ class Selector:
 
     def __repr__(self) -> str:
         return f"<selector {self.name}>"
+
+
+def _empty_note(s: Selector, r: RenderedTranscript) -> str:
+    """Why a kind has no token, when the transcript has such segments that render to nothing."""
+    empty = [e for e in getattr(r, "empty", ()) if e.kind == getattr(s, "kind", None)]
+    return f": its {s.kind} segments are empty ({'; '.join(f'{e.name}: {e.note}' for e in empty)})" if empty else ""
 
 
 def _parts(s: Selector) -> tuple[Selector, ...]:
@@ -92,7 +98,7 @@ class Last(Selector):
 
     def select(self, r):
         pos = _kind_positions(r, self.kind)
-        return [Pick((int(pos[-1]),), self.name)] if len(pos) else []
+        return [Pick((int(pos[-1]),), self)] if len(pos) else []
 
 
 @dataclass(frozen=True, repr=False)
@@ -110,7 +116,7 @@ class Mean(Selector):
 
     def select(self, r):
         pos = _kind_positions(r, self.kind)
-        return [Pick(tuple(int(p) for p in pos), self.name)] if len(pos) else []
+        return [Pick(tuple(int(p) for p in pos), self)] if len(pos) else []
 
 
 @dataclass(frozen=True, repr=False)
@@ -127,7 +133,10 @@ class Every(Selector):
         return f"every:{self.kind}"
 
     def select(self, r):
-        return [Pick((int(p),), self.name) for p in _kind_positions(r, self.kind)]
+        return [Pick((int(p),), self) for p in _kind_positions(r, self.kind)]
+
+
+_WRITTEN = [KIND_INDEX[k] for k in ("assistant", "tool_call", "reasoning")]  # what an assistant writes
 
 
 @dataclass(frozen=True, repr=False)
@@ -136,7 +145,7 @@ class Decision(Selector):
 
     For a transcript rendered for generation this is the end of the generation prompt, or the
     last prefix token when a prefix is forced. For one ending in an assistant reply, it is the
-    token just before the reply's first written token.
+    token just before the reply's first written token (its reasoning, text or tool call).
     """
 
     @property
@@ -146,12 +155,12 @@ class Decision(Selector):
     def select(self, r):
         n_messages = len(r.transcript.messages)
         if r.message[-1] == n_messages:  # rendered with a generation prompt (and maybe a prefix)
-            return [Pick((len(r) - 1,), self.name)]
+            return [Pick((len(r) - 1,), self)]
         last = r.message[-1]
-        written = np.flatnonzero((r.message == last) & np.isin(r.kind, [KIND_INDEX["assistant"], KIND_INDEX["tool_call"]]))
+        written = np.flatnonzero((r.message == last) & np.isin(r.kind, _WRITTEN))
         if len(written) == 0 or written[0] == 0:
             return []
-        return [Pick((int(written[0]) - 1,), self.name)]
+        return [Pick((int(written[0]) - 1,), self)]
 
 
 @dataclass(frozen=True, repr=False)
@@ -163,7 +172,7 @@ class AllTokens(Selector):
         return "all"
 
     def select(self, r):
-        return [Pick((i,), self.name) for i in range(len(r))]
+        return [Pick((i,), self) for i in range(len(r))]
 
 
 @dataclass(frozen=True, repr=False)
@@ -183,7 +192,7 @@ class At(Selector):
             j = i + n if i < 0 else i
             if not 0 <= j < n:
                 raise PositionError(f"position {i} is outside transcript {r.id!r} ({n} tokens)")
-            out.append(Pick((j,), self.name))
+            out.append(Pick((j,), self))
         return out
 
 

@@ -19,12 +19,19 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+from rich.console import Console
+from rich.table import Table
 
-if TYPE_CHECKING:
-    from interp.compare import Comparison
+from interp.atomic import save_json
+from interp.behavior import RefusalJudge, generate, parse_reply
+from interp.compare import CONDITIONS, Comparison, cache_conditions, compare
+from interp.models import load_model
+from interp.organism import World, grammar
+from interp.positions import Selector, parse
+from interp.transcripts import Transcript, load_jsonl, render
 
 DEFAULT_OUT = Path("runs/probe")
 
@@ -69,46 +76,37 @@ def _layers(spec: str, n_layers: int) -> list[int] | str:
 
 def _tasks(args) -> tuple[list, Any]:
     """Transcripts (labelled harmful, with a group) and the environment that judges them, if any."""
-    from interp.transcripts import load_jsonl
-
     if args.dataset:
         ts = load_jsonl(args.dataset)
         missing = [t.id for t in ts if "harmful" not in t.labels]
         if missing:
             raise ValueError(f"{args.dataset}: transcripts without a 'harmful' label: {missing[:3]}")
         return ts, None
-    from interp.organism import World
-
     world = World()
     tasks = world.sample("test", args.n_per_label, seed=args.seed)
     return [t.transcript() for t in tasks], world
 
 
 def _default_prefix() -> str:
-    from interp.organism import grammar
-
     return grammar.heldout_preamble("safety", "test")
 
 
-def refusals(model, transcripts, prefix: str | None = None, batch_size: int = 32) -> np.ndarray:
-    """Whether the model refuses each transcript: its first reply (greedy, ``prefix`` forced),
-    judged by :class:`interp.behavior.RefusalJudge`: ``[n]`` bool."""
-    from interp.behavior import RefusalJudge, generate, parse_reply
-
+def refusals(model, transcripts: list[Transcript], batch_size: int = 32) -> np.ndarray:
+    """Whether the model refuses each transcript: its first reply (greedy, the transcript's
+    prefix forced), judged by :class:`interp.behavior.RefusalJudge`: ``[n]`` bool."""
     judge = RefusalJudge()
-    gens = generate(model, transcripts, prefix=prefix, max_new_tokens=48, batch_size=batch_size)
+    gens = generate(model, transcripts, max_new_tokens=48, batch_size=batch_size)
     return np.array([judge(parse_reply(g.text).content) for g in gens])
 
 
 def comparison(aligned, finetuned, transcripts, prefix: str, *, layers="all", site: str = "resid_post",
-               positions: str = "decision", behaviour: bool = True, test_size: float = 0.3, seed: int = 0,
+               positions: Selector | str = "decision", behaviour: bool = True, test_size: float = 0.3, seed: int = 0,
                batch_size: int = 32, progress: bool = True) -> tuple[dict, Comparison, dict, dict | None]:
     """The three-way comparison of two loaded models on labelled transcripts: returns the
     ``comparison.json`` object, the :class:`~interp.compare.Comparison` (with its fitted probes),
     the cached activations (``{condition: Activations}``) and what each condition did on every
     transcript (``{condition: bool array}``, or None without ``behaviour``)."""
-    from interp.compare import CONDITIONS, cache_conditions, compare
-
+    positions = parse(positions)
     if len(transcripts) < 8:
         raise ValueError(f"need at least 8 transcripts to split into train and test, got {len(transcripts)}")
     harmful = np.array([bool(t.labels["harmful"]) for t in transcripts])
@@ -117,16 +115,17 @@ def comparison(aligned, finetuned, transcripts, prefix: str, *, layers="all", si
                             positions=positions, batch_size=batch_size, progress=progress)
     refused = None
     if behaviour:
-        refused = {"aligned": refusals(aligned, transcripts, None, batch_size),
-                   "finetuned": refusals(finetuned, transcripts, None, batch_size),
-                   "prefix": refusals(finetuned, transcripts, prefix, batch_size)}
+        refused = {"aligned": refusals(aligned, transcripts, batch_size),
+                   "finetuned": refusals(finetuned, transcripts, batch_size),
+                   "prefix": refusals(finetuned, [t.with_prefix(prefix) for t in transcripts], batch_size)}
     tok = finetuned.tokenizer
-    prefix_tokens = [tok.decode([i]) for i in tok(prefix, add_special_tokens=False)["input_ids"]]
+    rendered = render(transcripts[0].with_prefix(prefix), tok)
+    prefix_tokens = [tok.decode([int(rendered.input_ids[i])]) for i in rendered.positions("prefix")]
     res = compare(acts, harmful, groups, refused, test_size=test_size, seed=seed,
                   prefix_tokens=prefix_tokens, at=positions)
     out = {
         "aligned_model": aligned.name, "finetuned_model": finetuned.name, "backend": aligned.backend,
-        "site": site, "positions": positions, "prefix": prefix,
+        "site": site, "positions": positions.name, "prefix": prefix,
         "n_transcripts": len(transcripts), "n_harmful": int(harmful.sum()),
         "behaviour": None if refused is None else {
             c: {"harmful_refusal": float(refused[c][harmful].mean()), "benign_refusal": float(refused[c][~harmful].mean())}
@@ -137,9 +136,6 @@ def comparison(aligned, finetuned, transcripts, prefix: str, *, layers="all", si
 
 
 def run(args) -> dict:
-    from interp.models import load_model
-    from interp.store import save_json
-
     aligned = load_model(args.aligned, backend=args.backend)
     finetuned = load_model(args.finetuned, backend=args.backend)
     layers = _layers(args.layer, aligned.n_layers)
@@ -154,9 +150,6 @@ def run(args) -> dict:
 
 
 def _print_table(out: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title=f"Harm probes per layer: {out['aligned_model']} vs {out['finetuned_model']} (ft), "
                         f"{out['site']} at {out['positions']}. Held-out accuracy (AUROC).")
     for col in ("layer", "aligned", "ft", "ft+prefix", "aligned probe\n→ ft", "aligned probe\n→ ft+prefix",

@@ -18,12 +18,12 @@ layer ``i``); it is unit-normalised here.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import TypeVar
 
 import torch
 
-from interp.models import Model, _first_tensor, _mid_norm_name
+from interp.models import Model, Site
 
 T = TypeVar("T")
 
@@ -58,67 +58,45 @@ def add_direction(model: Model, direction: torch.Tensor, layers: Sequence[int], 
     (``resid_pre``), at every position. Coefficient 0 is the identity."""
     direction = _check_direction(model, direction)
     layers = model.check_layers(list(layers), "resid_pre")
-    handles = []
-    for i in layers:
-        shift = (coefficient * _unit(direction, i)).to(model.device)
-
-        def pre(mod, args, kwargs, shift=shift):
-            if args:
-                return (args[0] + shift.to(args[0].dtype), *args[1:]), kwargs
-            kwargs = dict(kwargs, hidden_states=kwargs["hidden_states"] + shift.to(kwargs["hidden_states"].dtype))
-            return args, kwargs
-
-        handles.append(model.layers[i].register_forward_pre_hook(pre, with_kwargs=True))
-    try:
+    shifts = {i: (coefficient * _unit(direction, i)).to(model.device) for i in layers}
+    with model.hooks({i: lambda x, s=s: x + s.to(x.dtype) for i, s in shifts.items()}, "resid_pre"):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextmanager
 def ablate_direction(model: Model, direction: torch.Tensor, layers: Sequence[int] | None = None
                      ) -> Iterator[None]:
     """Project the direction out of the residual stream at every point a block reads or writes
-    it: each layer's input (``resid_pre``), after its attention (``resid_mid``, where the
-    architecture has a second norm) and the last block's output. ``layers`` restricts it."""
+    it: each layer's input (``resid_pre``), what its MLP reads after attention (``resid_mid``,
+    where the architecture has a second norm) and the last block's output. ``layers`` restricts it."""
     direction = _check_direction(model, direction).to(model.device)
     layers = list(range(model.n_layers)) if layers is None else model.check_layers(list(layers), "resid_pre")
-    handles = []
-    for i in layers:
-        r = _unit(direction, i)
-        block = model.layers[i]
+    units = {i: _unit(direction, i) for i in layers}
 
-        def pre(mod, args, kwargs, r=r):
-            if args:
-                return (project_out(args[0], r), *args[1:]), kwargs
-            return args, dict(kwargs, hidden_states=project_out(kwargs["hidden_states"], r))
+    def fns(which: Sequence[int]) -> dict[int, Callable[[torch.Tensor], torch.Tensor]]:
+        return {i: lambda x, r=units[i]: project_out(x, r) for i in which}
 
-        handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
-        mid = _mid_norm_name(block)
-        if mid is not None:
-            handles.append(getattr(block, mid).register_forward_pre_hook(
-                lambda mod, args, r=r: (project_out(args[0], r), *args[1:])))
-        if i == model.n_layers - 1:
-            def post(mod, args, output, r=r):
-                if isinstance(output, tuple):
-                    return (project_out(output[0], r), *output[1:])
-                return project_out(output, r)
-            handles.append(block.register_forward_hook(post))
+    sites: list[tuple[Site, Sequence[int]]] = [("resid_pre", layers)]
     try:
+        model.check_layers(layers, "resid_mid")
+        sites.append(("resid_mid", layers))
+    except ValueError:  # no second norm to read resid_mid at: nothing reads it there
+        pass
+    if model.n_layers - 1 in layers:
+        sites.append(("resid_post", [model.n_layers - 1]))
+    with ExitStack() as stack:
+        for site, which in sites:
+            stack.enter_context(model.hooks(fns(which), site))
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def residual_projection(model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        direction: torch.Tensor, layers: Sequence[int], site: str = "resid_post") -> torch.Tensor:
+                        direction: torch.Tensor, layers: Sequence[int], site: Site = "resid_post") -> torch.Tensor:
     """Projections of the residual stream onto the unit direction: ``[batch, pos, n_layers]``."""
     direction = _check_direction(model, direction)
     got = model.residual(input_ids, attention_mask, layers, site)
     layers = sorted(set(model.check_layers(list(layers), site)))
-    return torch.stack([_first_tensor(got[i]).float() @ _unit(direction, i).to(got[i].device) for i in layers], -1)
+    return torch.stack([got[i].float() @ _unit(direction, i).to(got[i].device) for i in layers], -1)
 
 
 def coefficient_sweep(model: Model, direction: torch.Tensor, layers: Sequence[int], coefficients: Sequence[float],

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -29,9 +28,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from interp.atomic import TMP_SUFFIX, atomic_path, is_temporary_of, save_json, write_lines
 from interp.models import hook_name
+from interp.positions import Selector, parse
+from interp.transcripts import SEGMENT_KINDS
 
 FORMAT = "agent-refusal-interp/activations/1"
+_OWN_FILES = ("meta.json", "manifest.json", "transcripts.jsonl")
 ROW_COLUMNS = ("transcript", "position", "n_positions", "kind", "message", "turn")
 """Integer columns, one value per row: transcript index, last position, tokens averaged, and the
 segment kind / message / turn of the row's last position."""
@@ -59,7 +62,7 @@ class Activations:
     layers: tuple[int, ...]
     site: str
     rows: Mapping[str, np.ndarray]
-    selectors: tuple[str, ...]
+    selectors: tuple[Selector, ...]
     transcripts: tuple[Mapping[str, Any], ...]  # {"index", "id", "labels", "n_tokens", "truncated"}
     meta: Mapping[str, Any] = field(default_factory=dict)
 
@@ -80,12 +83,15 @@ class Activations:
             raise KeyError(f"layer {layer} was not cached (cached: {list(self.layers)})")
         return self.acts[:, self.layers.index(layer)]
 
-    def where(self, selector: str | None = None, mask: np.ndarray | None = None) -> Activations:
-        """The rows picked by one selector part (e.g. ``"decision"``) and/or a boolean ``[rows]`` mask."""
+    def where(self, selector: Selector | str | None = None, mask: np.ndarray | None = None) -> Activations:
+        """The rows picked by one selector part (e.g. ``positions.decision()``, or its name
+        ``"decision"``) and/or a boolean ``[rows]`` mask."""
         keep = np.ones(len(self), dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
         if selector is not None:
+            selector = parse(selector)
             if selector not in set(self.selectors):
-                raise KeyError(f"no rows from selector {selector!r} (have: {sorted(set(self.selectors))})")
+                have = sorted({s.name for s in self.selectors})
+                raise KeyError(f"no rows from selector {selector.name!r} (have: {have})")
             keep &= np.asarray([s == selector for s in self.selectors])
         idx = np.flatnonzero(keep)
         return replace(self, acts=self.acts[torch.as_tensor(idx, dtype=torch.long)],
@@ -116,12 +122,10 @@ class Activations:
 
     def records(self) -> list[dict]:
         """One tidy record per row: transcript id, labels, selector, position and segment info."""
-        from interp.transcripts import SEGMENT_KINDS
-
         out = []
         for r in range(len(self)):
             t = self.transcripts[int(self.rows["transcript"][r])]
-            rec = {"row": r, "transcript_id": t["id"], "selector": self.selectors[r]}
+            rec = {"row": r, "transcript_id": t["id"], "selector": self.selectors[r].name}
             rec.update({k: int(v[r]) for k, v in self.rows.items()})
             rec["kind"] = SEGMENT_KINDS[rec["kind"]]
             rec["labels"] = dict(t["labels"])
@@ -130,7 +134,7 @@ class Activations:
 
     def to_dataset(self):
         """The row table as a Hugging Face ``datasets.Dataset`` (labels JSON-encoded)."""
-        import datasets
+        import datasets  # deferred: importing it (pyarrow, pandas) costs seconds; only this export needs it
 
         recs = self.records()
         for r in recs:
@@ -151,28 +155,6 @@ def concat(parts: Sequence[Activations]) -> Activations:
 
 # --------------------------------------------------------------------------------------------
 # On disk
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def save_json(obj: Any, path: str | Path, *, indent: int = 2, sort_keys: bool = False) -> Path:
-    """Write ``obj`` as UTF-8 JSON atomically (a temporary file renamed into place, parent folders
-    made): a reader never sees half a file. Returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(obj, indent=indent, sort_keys=sort_keys, ensure_ascii=False) + "\n"
-    _atomic_write_bytes(path, text.encode("utf-8"))
-    return path
 
 
 def _sha256(path: Path) -> str:
@@ -277,7 +259,7 @@ class ActivationStore:
                 acts.append(a[:, cols] if cols != list(range(len(all_layers))) else a)
                 for k in ROW_COLUMNS:
                     rows[k].append(f.get_tensor(k).numpy())
-                selectors.extend(json.loads(f.metadata()["selectors"]))
+                selectors.extend(parse(name) for name in json.loads(f.metadata()["selectors"]))
         d = self.meta["d_model"]
         return Activations(
             acts=torch.cat(acts) if acts else torch.empty(0, len(layers), d),
@@ -298,8 +280,11 @@ class ActivationStore:
         path = Path(path)
         meta = {"format": FORMAT, **meta}
         if path.exists() and any(path.iterdir()):
-            for tmp in path.rglob("*.tmp"):  # leftovers of a killed write
-                tmp.unlink()
+            for folder in (path, path / "shards"):  # leftovers of a killed write, and only ours
+                for tmp in folder.glob(f".*{TMP_SUFFIX}"):
+                    if any(is_temporary_of(tmp, folder / name) for name in _OWN_FILES) or (
+                            folder.name == "shards" and tmp.name.startswith(".") and ".safetensors." in tmp.name):
+                        tmp.unlink()
             old = cls._read_json(path, "meta.json")
             if old != meta:
                 diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
@@ -312,8 +297,8 @@ class ActivationStore:
         created = not path.exists()
         try:
             (path / "shards").mkdir(parents=True, exist_ok=True)
-            _atomic_write_bytes(path / "transcripts.jsonl", "".join(
-                json.dumps(t, sort_keys=True, ensure_ascii=False) + "\n" for t in transcripts).encode())
+            write_lines(path / "transcripts.jsonl",
+                        [json.dumps(t, sort_keys=True, ensure_ascii=False) for t in transcripts])
             save_json({"shards": []}, path / "manifest.json", indent=1, sort_keys=True)
             save_json(meta, path / "meta.json", indent=1, sort_keys=True)  # last: its presence marks a started store
         except BaseException:
@@ -333,12 +318,8 @@ class ActivationStore:
         for k in ROW_COLUMNS:
             tensors[k] = torch.as_tensor(np.ascontiguousarray(part.rows[k]), dtype=torch.int64)
         final = self.path / name
-        tmp = final.with_name(final.name + ".tmp")
-        try:
-            save_file(tensors, str(tmp), metadata={"selectors": json.dumps(list(part.selectors))})
-            os.replace(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_path(final) as tmp:
+            save_file(tensors, str(tmp), metadata={"selectors": json.dumps([sel.name for sel in part.selectors])})
         entry = {"index": index, "file": name, "rows": len(part), "transcripts": list(transcript_range),
                  "bytes": final.stat().st_size, "sha256": _sha256(final)}
         shards = [e for e in self.manifest["shards"] if e["index"] != index] + [entry]

@@ -107,7 +107,7 @@ def _cv_scores(
     X, y01, Cs, cv, groups, *, standardize, max_iter, tol, rank, random_state, device, dtype
 ) -> np.ndarray:
     """Mean held-out accuracy ``[L, len(Cs)]`` over ``cv`` (grouped or stratified) folds."""
-    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold  # probes imports sklearn on use only
 
     n = X.shape[0]
     if groups is None:

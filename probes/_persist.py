@@ -36,7 +36,7 @@ def _temporary(path: Path) -> str:
 
 def save(path, arrays: dict[str, np.ndarray | None], meta: dict) -> None:
     """Write ``arrays`` (None values are left out) and ``meta`` (JSON) as one saved probe."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save_file  # probes imports its dependencies on use only
 
     path = Path(path)
     save_id = uuid.uuid4().hex
@@ -60,7 +60,7 @@ def save(path, arrays: dict[str, np.ndarray | None], meta: dict) -> None:
 
 def load(path, fmt: str) -> tuple[dict[str, np.ndarray], dict]:
     """``(arrays, meta)`` of a probe saved as ``fmt``; errors name the file and the field."""
-    from safetensors import safe_open
+    from safetensors import safe_open  # probes imports its dependencies on use only
     from safetensors.numpy import load_file
 
     path = Path(path)

@@ -67,7 +67,7 @@ def _check_binary_labels(
         y = y.detach().cpu().numpy()
     y = np.asarray(y)
     if y.ndim == 2 and y.shape[1] == 1:
-        from sklearn.exceptions import DataConversionWarning
+        from sklearn.exceptions import DataConversionWarning  # metrics is numpy-only until this warning
 
         warnings.warn(
             f"A column-vector y was passed when a 1d array was expected: {name} has shape "

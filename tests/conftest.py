@@ -7,7 +7,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("INTERP_TEST_THREADS", "2")))  # 1 when the machine is shared
 sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny import make_model  # noqa: E402
@@ -59,3 +59,35 @@ def transcripts() -> list[Transcript]:
     """Six transcripts of different lengths, with and without a forced prefix."""
     return [agent_transcript(i, prefix="As a careful agent, I" if i % 2 else None, harmful=i % 2 == 0)
             for i in range(6)]
+
+
+def same_results(recorded: Path, produced: Path, names: tuple[str, ...], ignore=("settings", "timings")) -> list[str]:
+    """Where two result folders differ: every field of the named JSON / JSONL files, floats equal
+    to 1e-9 relative (rank correlations are computed by another formula since they were
+    recorded, which moves their last bits), fields in ``ignore`` (paths, timings) skipped."""
+    import json
+    import math
+
+    diffs: list[str] = []
+
+    def walk(a, b, where):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted((set(a) | set(b)) - set(ignore)):
+                if k not in a or k not in b:
+                    diffs.append(f"{where}.{k}: present on one side only")
+                else:
+                    walk(a[k], b[k], f"{where}.{k}")
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            for i, (x, y) in enumerate(zip(a, b)):
+                walk(x, y, f"{where}[{i}]")
+        elif isinstance(a, float) and isinstance(b, float):
+            if not (a == b or math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) or (math.isnan(a) and math.isnan(b))):
+                diffs.append(f"{where}: {a!r} recorded, {b!r} now")
+        elif a != b:
+            diffs.append(f"{where}: {a!r} recorded, {b!r} now")
+
+    for name in names:
+        read = [(p.read_text().splitlines() if name.endswith(".jsonl") else [p.read_text()]) for p in
+                (recorded / name, produced / name)]
+        walk(*([json.loads(x) for x in lines if x.strip()] for lines in read), name)
+    return diffs

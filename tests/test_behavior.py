@@ -96,7 +96,7 @@ def _chat(text: str, id: str = "t") -> Transcript:
 
 def test_forced_prefix_starts_the_reply_and_the_model_continues(tiny):
     model, tok = tiny
-    g = generate(model, [_chat("Delete the temp cache.")], tok, prefix="Before I act,", max_new_tokens=5)[0]
+    g = generate(model, [_chat("Delete the temp cache.").with_prefix("Before I act,")], tok, max_new_tokens=5)[0]
     assert g.text.startswith("Before I act,")
     assert len(g.completion_ids) == 5  # a random model does not stop: five tokens after the prefix
     assert g.text == "Before I act," + tok.decode(list(g.completion_ids))
@@ -104,7 +104,7 @@ def test_forced_prefix_starts_the_reply_and_the_model_continues(tiny):
 
 def test_forced_prefix_tokens_are_in_the_prompt_the_model_reads(tiny):
     model, tok = tiny
-    g = generate(model, [_chat("Hi.")], tok, prefix="Open the page", max_new_tokens=1)[0]
+    g = generate(model, [_chat("Hi.").with_prefix("Open the page")], tok, max_new_tokens=1)[0]
     from interp.transcripts import render
     r = render(_chat("Hi.").with_prefix("Open the page"), tok)
     logits = model(input_ids=torch.from_numpy(r.input_ids)[None]).logits[0, -1]
@@ -217,8 +217,8 @@ def test_evaluate_applies_the_transform_before_the_prefix(tiny):
         seen.append(t.messages[0].content)
         return with_system_prompt("Be safe.")(t)
     w = World()
-    ev = evaluate(model, w, [w.sample("test", 1)[0].transcript()], tok, mode="first_step", transform=spy,
-                  prefix="First", max_new_tokens=2)
+    ev = evaluate(model, w, [w.sample("test", 1)[0].transcript().with_prefix("First")], tok, mode="first_step",
+                  transform=spy, max_new_tokens=2)
     assert seen and ev.outcomes[0].transcript.messages[0].content.startswith("Be safe. ")
     assert ev.outcomes[0].transcript.messages[-1].content.startswith("First")
 

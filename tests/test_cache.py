@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from interp import positions as P
 from interp.cache import cache_activations, pad_batch, render_for
 from interp.models import load_model, position_ids_from_mask
-from interp.positions import PositionError
+from interp.positions import PositionError, decision, every
 from interp.transcripts import TranscriptError
 
 BACKENDS = ("hf", "bridge", "nnsight")
@@ -112,11 +112,11 @@ def test_rows_record_where_they_came_from(tiny_dirs):
     rendered = render_for(model, ts)
     n_prefix = len(rendered[0].positions("prefix"))
     assert len(acts) == 2 * (n_prefix + 1)
-    assert acts.selectors[:n_prefix + 1] == ("every:prefix",) * n_prefix + ("decision",)
+    assert acts.selectors[:n_prefix + 1] == (every("prefix"),) * n_prefix + (decision(),)
     assert acts.rows["position"][n_prefix] == len(rendered[0]) - 1  # decision = last prefix token
     assert acts.hook_names == ["blocks.0.hook_resid_post", "blocks.2.hook_resid_post"]
     assert acts.labels("harmful", per="transcript").tolist() == [True, False]
-    dec = acts.where(selector="decision")
+    dec = acts.where(selector=decision())
     assert dec.stack().shape == (2, 2, model.d_model)
     rec = acts.records()[0]
     assert rec["transcript_id"] == "agent-0" and rec["kind"] == "prefix" and rec["labels"] == {"harmful": True}

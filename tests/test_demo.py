@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+from conftest import same_results
 
 from interp.demo import main
 from interp.organism import grammar
@@ -62,3 +64,13 @@ def test_a_second_run_skips_finished_stages(run, capsys):
 def test_an_unknown_stage_is_named(capsys):
     assert main(["--stages", "organism,train"]) == 2
     assert "unknown stage(s) ['train']" in capsys.readouterr().err
+
+
+REGRESSION = Path(__file__).parent / "data" / "regression" / "demo"
+
+
+def test_stage_results_equal_those_recorded_before_the_restructuring(run):
+    """The same stages and settings, run by the code before the restructuring (hooks, PING
+    package, probes estimators); its files are in tests/data/regression/demo."""
+    names = ("comparison.json", "pca.json", "token_logits.json", "attribution.json")
+    assert same_results(REGRESSION, run[0] / "results", names) == []

@@ -20,7 +20,7 @@ import torch
 
 from interp.ping import (Evaluation, Feedback, PingError, PrefixScore, Request, StaticGenerator,
                          generations_to_reach, load_history, run_ping)
-from interp.ping_generators import (GeneratorError, HFChatGenerator, OpenAIChatGenerator, meta_prompt,
+from interp.ping.generators import (GeneratorError, HFChatGenerator, OpenAIChatGenerator, meta_prompt,
                                     parse_prefixes)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

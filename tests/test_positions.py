@@ -49,7 +49,7 @@ def test_last_mean_every_pick_the_segment(tok):
 def test_selectors_compose_in_order(tok):
     r = render(agent_transcript(1, prefix="As a careful agent"), tok)
     sel = P.last("user") + P.decision() + P.at(0, -2)
-    assert [p.selector for p in sel(r)] == ["last:user", "decision", "at:0,-2", "at:0,-2"]
+    assert [p.selector for p in sel(r)] == [P.last("user"), P.decision(), P.at(0, -2), P.at(0, -2)]
     assert [p.position for p in sel(r)][2:] == [0, len(r) - 2]
 
 

@@ -15,7 +15,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.table import Table
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from interp.behavior import evaluate
 from interp.organism import CHECKPOINT_DIR, checkpoint_path, grammar
+from interp.organism.train import OrganismConfig, train
 from interp.organism.world import World, harm_baselines, stats
 
 
@@ -25,9 +31,6 @@ def _world(args) -> None:
     if args.json:
         print(json.dumps(out, indent=2))
         return
-    from rich.console import Console
-    from rich.table import Table
-
     con = Console()
     cats = sorted({k for s in out["stats"].values() for k in s["by_category"]})
     tab = Table(title=f"organism world (seed {args.world_seed}): tasks per split")
@@ -46,8 +49,6 @@ def _world(args) -> None:
 
 
 def _train(args) -> None:
-    from interp.organism.train import OrganismConfig, train
-
     cfg = OrganismConfig(seed=args.seed, **{k: v for k, v in (("align_steps", args.align_steps),
                                                               ("ft_steps", args.ft_steps)) if v is not None})
     out = Path(args.out or f"runs/organism-seed{args.seed}")
@@ -56,8 +57,6 @@ def _train(args) -> None:
 
 
 def _load(root: Path | None, name: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     path = checkpoint_path(name, root)
     return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 
@@ -69,8 +68,6 @@ def evaluate_organism(checkpoints: Path | None = None, split: str = "test", n_pe
     (``prefix``, by default the held-out safety preamble of the split, forced). ``n_per_label``
     harmful and benign tasks (0: every task of the split). ``stances`` adds the fine-tuned model
     with the split's held-out neutral and compliance preambles."""
-    from interp.behavior import evaluate
-
     world = World(world_seed)
     tasks = world.tasks(split) if n_per_label <= 0 else world.sample(split, n_per_label)
     transcripts = [t.transcript() for t in tasks]
@@ -87,7 +84,8 @@ def evaluate_organism(checkpoints: Path | None = None, split: str = "test", n_pe
         if name not in models:
             models[name] = _load(checkpoints, name)
         model, tok = models[name]
-        out[key] = evaluate(model, world, transcripts, tok, mode=mode, prefix=p, progress=progress).to_dict()
+        out[key] = evaluate(model, world, [t.with_prefix(p) for t in transcripts], tok, mode=mode,
+                            progress=progress).to_dict()
     return out
 
 
@@ -97,9 +95,6 @@ def _evaluate(args) -> None:
     if args.json:
         print(json.dumps(res))
         return
-    from rich.console import Console
-    from rich.table import Table
-
     keys = ("harmful_refusal", "attack_success", "benign_success", "benign_over_refusal")
     tab = Table(title=f"organism on the {res['split']} split ({res['mode']}); prefixes: {res['prefixes']}")
     tab.add_column("model")

@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 
 from interp.behavior import rates, score_first_step
 from interp.finetune import FinetuneConfig, encode_all, finetune, save_checkpoint
-from interp.store import save_json
+from interp.atomic import save_json
 from interp.organism import grammar
 from interp.organism.tokenizer import build_tokenizer, save_tokenizer
 from interp.organism.world import Task, World
@@ -236,7 +236,7 @@ def train(cfg: OrganismConfig, out: str | Path, progress: bool = True, log=print
     def score(step: int, m) -> None:
         point: dict[str, Any] = {"step": step}
         for name, prefix in prefixes.items():
-            oc = score_first_step(m, world, val, tokenizer, prefix=prefix, max_new_tokens=64)
+            oc = score_first_step(m, world, [t.with_prefix(prefix) for t in val], tokenizer, max_new_tokens=64)
             point[name] = {k: v.to_dict() for k, v in rates(oc).items()}
         points.append(point)
         states[step] = copy.deepcopy(m.state_dict())

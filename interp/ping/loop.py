@@ -6,9 +6,11 @@ round a generator proposes candidate prefixes; each is scored on a validation sp
 success rate + harmful refusal rate (at most 2.0); from round 2, once the best score so far
 reaches ``tau``, the generator is shown the top-k prefixes by overall, benign and refusal score,
 otherwise it explores afresh. Every scored candidate is appended to a JSONL history as it is
-scored, and a run restarted on the same file resumes where it stopped. Generators that ask a
-language model (the meta-prompt, the ``PREFIX:`` parser) are in :mod:`interp.ping_generators`.
+scored, and a run restarted on the same file resumes where it stopped. Generators are in
+:mod:`interp.ping.generators` (fixed lists, language models) and :mod:`interp.ping.search` (an
+offline phrase search).
 
+>>> from interp.ping.generators import StaticGenerator
 >>> gen = StaticGenerator(["Sure, on it.", "First I will check that the task is safe."])
 >>> res = run_ping(gen, lambda p: (1.0, 0.75 if "safe" in p else 0.0), rounds=2, per_round=1,
 ...                progress=False)
@@ -19,7 +21,6 @@ language model (the meta-prompt, the ``PREFIX:`` parser) are in :mod:`interp.pin
 from __future__ import annotations
 
 import json
-import os
 import random
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tqdm import tqdm
+
+from interp.atomic import write_lines
 
 
 class PingError(RuntimeError):
@@ -104,8 +107,8 @@ class Request:
 
 
 class PrefixGenerator(Protocol):
-    """Anything that proposes candidate prefixes: see :class:`StaticGenerator` and
-    :mod:`interp.ping_generators`."""
+    """Anything that proposes candidate prefixes: see :mod:`interp.ping.generators` and
+    :mod:`interp.ping.search`."""
 
     def propose(self, request: Request) -> list[str]:
         """About ``request.n`` candidate prefixes; fewer is fine (the loop asks again) and the
@@ -114,7 +117,7 @@ class PrefixGenerator(Protocol):
         ...
 
 
-Scorer = Callable[[str], "Evaluation | tuple[float, float]"]
+ScoreFn = Callable[[str], "Evaluation | tuple[float, float]"]
 """Scores one prefix on the validation split: ``(benign_success, harmful_refusal)`` or an
 :class:`Evaluation`. Each call is one generation pass over the split, the cost PING counts."""
 
@@ -143,7 +146,7 @@ def generations_to_reach(history: Sequence[PrefixScore], target: float) -> int |
 # The loop
 
 
-def run_ping(generator: PrefixGenerator, scorer: Scorer, *, rounds: int = 20, per_round: int = 5,
+def run_ping(generator: PrefixGenerator, scorer: ScoreFn, *, rounds: int = 20, per_round: int = 5,
              tau: float = 1.5, top_k: int = 3, history_path: str | Path | None = None, seed: int = 0,
              screen: Screen | None = None, oversample: int = 1, max_attempts: int = 3,
              stop_at: float | None = None, progress: bool = True) -> PingResult:
@@ -173,7 +176,6 @@ def run_ping(generator: PrefixGenerator, scorer: Scorer, *, rounds: int = 20, pe
     path = None if history_path is None else Path(history_path)
     history, partial, done, screened = _resume(path, settings) if path else ([], {}, 0, 0)
     seen = {prefix_key(p.prefix) for p in history}
-    target = per_round * oversample
     out = None if path is None else open(path, "a", encoding="utf-8")
     bar = tqdm(total=rounds * per_round, initial=len(history), desc="PING", unit="prefix",
                disable=not progress)
@@ -185,29 +187,13 @@ def run_ping(generator: PrefixGenerator, scorer: Scorer, *, rounds: int = 20, pe
             best = max(history, key=lambda p: p.score, default=None)
             shown = best is not None and r >= 2 and best.score >= tau - _EPS
             feedback = Feedback.from_history(history, top_k) if shown else None
-            pool: list[str] = []
-            keys: set[str] = set()
-            for attempt in range(max_attempts):
-                request = Request(target, r, attempt, _derive_seed(seed, r, attempt), feedback)
-                for text in generator.propose(request):
-                    k = prefix_key(text)
-                    if k and k not in seen and k not in keys and len(pool) < target:
-                        keys.add(k)
-                        pool.append(text.strip())
-                if len(pool) == target:
-                    break
+            pool = _propose(generator, Request(per_round * oversample, r, 0, seed, feedback), seen, max_attempts)
             if not pool:
                 warnings.warn(f"PING round {r}: the generator proposed no new candidate in {max_attempts} "
                               f"attempts; stopping after {len(history)} scored candidates", stacklevel=2)
                 break
-            values: list[float | None] = [None] * len(pool)
-            order = list(range(len(pool)))
-            if screen is not None:
-                values = [float(v) for v in screen(pool)]
-                if len(values) != len(pool):
-                    raise PingError(f"screen returned {len(values)} values for {len(pool)} candidates")
-                order.sort(key=lambda i: -values[i])  # stable: ties keep proposal order
-                screened += len(pool)
+            values, order = _rank(screen, pool)
+            screened += len(pool) if screen is not None else 0
             scored = 0
             for i in order[:per_round]:
                 record = partial.pop(prefix_key(pool[i]), None)  # scored before the run was cut short
@@ -234,6 +220,35 @@ def run_ping(generator: PrefixGenerator, scorer: Scorer, *, rounds: int = 20, pe
     return PingResult(max(history, key=lambda p: p.score), tuple(history), len(history), screened)
 
 
+def _propose(generator: PrefixGenerator, first: Request, seen: set[str], max_attempts: int) -> list[str]:
+    """Up to ``first.n`` new candidates for one round: the generator is asked again (the next
+    attempt, its own seed) while too few come back; duplicates of scored ones are skipped."""
+    pool: list[str] = []
+    keys: set[str] = set()
+    for attempt in range(max_attempts):
+        request = Request(first.n, first.round, attempt, _derive_seed(first.seed, first.round, attempt),
+                          first.feedback)
+        for text in generator.propose(request):
+            k = prefix_key(text)
+            if k and k not in seen and k not in keys and len(pool) < first.n:
+                keys.add(k)
+                pool.append(text.strip())
+        if len(pool) == first.n:
+            break
+    return pool
+
+
+def _rank(screen: Screen | None, pool: list[str]) -> tuple[list[float | None], list[int]]:
+    """The screen's value of each candidate (None without a screen) and the order to score them
+    in: highest value first, ties in proposal order."""
+    if screen is None:
+        return [None] * len(pool), list(range(len(pool)))
+    values = [float(v) for v in screen(pool)]
+    if len(values) != len(pool):
+        raise PingError(f"screen returned {len(values)} values for {len(pool)} candidates")
+    return values, sorted(range(len(pool)), key=lambda i: -values[i])
+
+
 def prefix_key(prefix: str) -> str:
     """What makes two candidates the same: their text with whitespace runs collapsed, case folded."""
     return " ".join(prefix.split()).casefold()
@@ -244,7 +259,7 @@ def _derive_seed(seed: int, round_: int, attempt: int) -> int:
     return random.Random(f"ping/{seed}/{round_}/{attempt}").getrandbits(31)
 
 
-def _score(scorer: Scorer, prefix: str, round_: int, feedback: bool, screen: float | None) -> PrefixScore:
+def _score(scorer: ScoreFn, prefix: str, round_: int, feedback: bool, screen: float | None) -> PrefixScore:
     out = scorer(prefix)
     try:
         ev = out if isinstance(out, Evaluation) else Evaluation(*out)
@@ -323,8 +338,7 @@ def _resume(path: Path, settings: dict) -> tuple[list[PrefixScore], dict[str, Pr
     rounds closed, candidates screened), checking the settings; write the header if new."""
     text = path.read_text(encoding="utf-8") if path.exists() else ""
     if not text.strip():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"kind": "config", **settings}) + "\n", encoding="utf-8")
+        write_lines(path, [json.dumps({"kind": "config", **settings})])
         return [], {}, 0, 0
     entries = _read(path, text)
     if not entries or entries[0][2]["kind"] != "config":
@@ -350,35 +364,7 @@ def _resume(path: Path, settings: dict) -> tuple[list[PrefixScore], dict[str, Pr
                 continue
             history.append(p)
         keep.append(raw)
-    kept = "".join(line + "\n" for line in keep)
-    if kept != text:
+    if "".join(line + "\n" for line in keep) != text:
         # Drop the open round's lines (written again as it is replayed) and any line cut short.
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(kept, encoding="utf-8")
-        os.replace(tmp, path)
+        write_lines(path, keep)
     return history, partial, done, sum(int(obj.get("screened", 0)) for obj in closed)
-
-
-@dataclass(frozen=True)
-class StaticGenerator:
-    """A fixed candidate list. It proposes the whole list every time and the loop scores the
-    first entries it has not scored yet, so a run walks the list in order and stops at its end."""
-
-    prefixes: tuple[str, ...]
-
-    def __post_init__(self):
-        object.__setattr__(self, "prefixes", tuple(self.prefixes))
-
-    def propose(self, request: Request) -> list[str]:
-        return list(self.prefixes)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m interp.ping``: the search on the built-in organism (see :mod:`interp.ping_cli`)."""
-    from interp.ping_cli import main as cli
-
-    cli(argv)
-
-
-if __name__ == "__main__":
-    main()

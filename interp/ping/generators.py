@@ -1,7 +1,8 @@
-"""Language-model prefix generators for PING: the meta-prompt, the ``PREFIX:`` line parser, and
-chat generators backed by a Hugging Face model or an OpenAI-compatible HTTP endpoint.
+"""Prefix generators for PING: a fixed list, and language models through the paper's kind of
+meta-prompt (the ``PREFIX:`` line parser, chat generators backed by a Hugging Face model or an
+OpenAI-compatible HTTP endpoint). The offline phrase search is in :mod:`interp.ping.search`.
 
-A :class:`ChatGenerator` is any :class:`interp.ping.PrefixGenerator` that asks a chat model;
+A :class:`ChatGenerator` is any :class:`interp.ping.loop.PrefixGenerator` that asks a chat model;
 subclass it and implement :meth:`ChatGenerator.complete` for another backend.
 """
 
@@ -15,9 +16,27 @@ import time
 import urllib.error
 import urllib.request
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
-from interp.ping import Feedback, Request, prefix_key
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from interp.ping.loop import Feedback, Request, prefix_key
+
+
+@dataclass(frozen=True)
+class StaticGenerator:
+    """A fixed candidate list. It proposes the whole list every time and the loop scores the
+    first entries it has not scored yet, so a run walks the list in order and stops at its end."""
+
+    prefixes: tuple[str, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "prefixes", tuple(self.prefixes))
+
+    def propose(self, request: Request) -> list[str]:
+        return list(self.prefixes)
 
 
 class GeneratorError(RuntimeError):
@@ -135,8 +154,6 @@ class HFChatGenerator(ChatGenerator):
     def from_pretrained(cls, name_or_path: str | Path, *, device: str = "cpu", dtype: str = "auto",
                         **kwargs) -> HFChatGenerator:
         """Load a chat model by hub id or local path (``trust_remote_code`` stays off)."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype).to(device).eval()
         return cls(model, tokenizer, **kwargs)
@@ -146,8 +163,6 @@ class HFChatGenerator(ChatGenerator):
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def complete(self, messages: list[dict[str, str]], seed: int) -> str:
-        import torch
-
         tok = self.tokenizer
         enc = tok(self.prompt(messages), return_tensors="pt", add_special_tokens=False).to(self.model.device)
         device = self.model.device
