@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from interp.cache import pad_batch
 from interp.finetune import stop_token_ids, unwrap
 from interp.models import check_choice, position_ids_from_mask
-from interp.transcripts import Message, ToolCall, Transcript, render
+from interp.transcripts import Message, ToolCall, Transcript, binary_label, render
 from probes.metrics import Interval, bootstrap_rate
 
 DEFAULT_REFUSAL_PATTERNS = (
@@ -258,9 +258,9 @@ SCORING_MODES: tuple[str, ...] = get_args(ScoringMode)
 
 
 def _harmful(t: Transcript) -> bool:
-    if "harmful" not in t.labels:
-        raise ValueError(f"transcript {t.id!r}: labels has no 'harmful' entry, so rates cannot be split")
-    return bool(t.labels["harmful"])
+    """The transcript's ``harmful`` label as a class (true/false or 1/0; anything else, or no
+    label, raises a TranscriptError naming the file, record and value)."""
+    return binary_label(t, "harmful")
 
 
 def _reply_message(text: str, step: int) -> tuple[Message, Reply]:

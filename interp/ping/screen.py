@@ -24,12 +24,12 @@ from interp.behavior import Environment, score_first_step
 from interp.cache import cache_prefixed
 from interp.models import Model, Site
 from interp.ping.loop import PrefixGenerator, Request
-from interp.transcripts import Transcript
+from interp.transcripts import Transcript, binary_labels
 from probes import diff_in_means, dprime, fit_layer_probes
 
 
 def _harmful(transcripts: Sequence[Transcript]) -> np.ndarray:
-    return np.array([bool(t.labels["harmful"]) for t in transcripts])
+    return binary_labels(transcripts, "harmful")
 
 
 @dataclass(frozen=True)
