@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import ARCHS, agent_transcript
+from conftest import ARCHS, agent_transcript, assert_within_row_norm
 from transformers import AutoModelForCausalLM
 
 from interp import positions as P
@@ -68,7 +68,7 @@ def test_cached_activations_equal_a_plain_forward(tiny_dirs, refs, arch, backend
     acts = cache_activations(model, rendered, layers="all", site=site, positions=sel, batch_size=3, progress=False)
     for row in range(len(acts)):
         t, p = acts.rows["transcript"][row], acts.rows["position"][row]
-        torch.testing.assert_close(acts.acts[row], ref[t][site][p], atol=1e-5, rtol=0)
+        assert_within_row_norm(acts.acts[row], ref[t][site][p])
 
 
 def test_the_last_block_is_checked_against_its_own_output_not_the_final_norm(tiny_dirs, refs):
@@ -78,7 +78,7 @@ def test_the_last_block_is_checked_against_its_own_output_not_the_final_norm(tin
     hs_last = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"])(
         input_ids=torch.as_tensor(rendered[0].input_ids)[None], output_hidden_states=True).hidden_states[-1]
     p = acts.rows["position"][0]
-    torch.testing.assert_close(acts.acts[0, 0], ref[0]["resid_post"][p, -1], atol=1e-5, rtol=0)
+    assert_within_row_norm(acts.acts[0, 0], ref[0]["resid_post"][p, -1])
     assert not torch.allclose(acts.acts[0, 0], hs_last[0, p], atol=1e-3)  # that entry is post-norm
 
 
@@ -93,7 +93,7 @@ def test_a_transcript_batched_with_others_gives_what_it_gives_alone(tiny_dirs, b
     assert len(lengths) > 2  # really padded
     for i, t in enumerate(ts):
         alone = cache_activations(model, [t], positions=sel, batch_size=1, progress=False)
-        torch.testing.assert_close(together.for_transcript(i), alone.acts, atol=1e-5, rtol=0)
+        assert_within_row_norm(together.for_transcript(i), alone.acts)
 
 
 def test_segment_mean_is_the_mean_of_its_tokens(tiny_dirs):

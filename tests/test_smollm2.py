@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TOOLS, agent_transcript
+from conftest import TOOLS, agent_transcript, assert_within_row_norm
 from tiny import make_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from interp import smollm2
+from interp.cache import pad_batch
 from interp.models import Source, load_model, resolve
 from interp.smollm2 import checkpoint as ck
 from interp.smollm2.template import CHAT_TEMPLATE, render_text
@@ -451,12 +452,7 @@ def real_batch(smollm2_dir):
           Transcript.from_messages([{"role": "user", "content": "What is 12 + 30?"}]),
           Transcript.from_messages([{"role": "user", "content": "Hi"}])]
     rendered = [render(t, tok) for t in ts]
-    n = max(len(r) for r in rendered)
-    ids = torch.full((len(ts), n), tok.pad_token_id)
-    mask = torch.zeros((len(ts), n), dtype=torch.long)
-    for i, r in enumerate(rendered):
-        ids[i, n - len(r):] = torch.as_tensor(r.input_ids)
-        mask[i, n - len(r):] = 1
+    ids, mask, _ = pad_batch(rendered, tok.pad_token_id, "left")
     ref = AutoModelForCausalLM.from_pretrained(smollm2_dir, attn_implementation="eager").eval()
     with torch.no_grad():
         hidden = [ref(input_ids=torch.as_tensor(r.input_ids)[None], output_hidden_states=True).hidden_states
@@ -476,9 +472,7 @@ def test_smollm2_residuals_equal_a_plain_forward_on_every_backend(smollm2_dir, r
     for i, n in enumerate(lengths):
         for layer in LAYERS:
             want = hidden[i][layer + 1][0]  # hidden_states[L + 1] is the output of block L
-            # relative to each position's activation norm (SmolLM2 has outlier dimensions in the hundreds)
-            err = torch.linalg.vector_norm(got[layer][i, -n:] - want, dim=-1) / torch.linalg.vector_norm(want, dim=-1)
-            assert err.max() < 1e-4, (backend, i, layer, err.max().item())
+            assert_within_row_norm(got[layer][i, -n:], want)  # SmolLM2's first-token activations reach 2.5e4
 
 
 def test_greedy_generation_stops_at_im_end(smollm2_dir):
