@@ -40,6 +40,8 @@ from probes import (Interval, auroc, bootstrap_ci, cosine_similarity, diff_in_me
                     grouped_train_test_split, project)
 
 CONDITIONS = ("aligned", "finetuned", "prefix")
+CV_FOLDS = 5
+"""Folds of the cross-validation that chooses a probe's C (``fit_layer_probes``' default)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -103,6 +105,53 @@ def _mean_interval(values: np.ndarray, seed: int) -> Interval:
     return bootstrap_ci(lambda v: float(v.mean()), values, seed=seed)
 
 
+def check_prefix(prefix: str) -> str:
+    """``prefix`` if it holds text; an empty or whitespace-only prefix (which would probe only
+    whitespace tokens, or none) raises ``ValueError``."""
+    if not isinstance(prefix, str) or not prefix.strip():
+        raise ValueError(f"the prefix {prefix!r} is empty or only whitespace; a forced prefix needs text")
+    return prefix
+
+
+def class_array(values: Any, name: str) -> np.ndarray:
+    """``values`` as a ``[n]`` bool array if they are booleans or 0/1 integers; anything else
+    (strings, floats, None) raises ``ValueError`` rather than being coerced."""
+    arr = np.asarray(values)
+    if arr.dtype == bool:
+        return arr
+    if arr.dtype.kind in "iu" and np.isin(arr, (0, 1)).all():
+        return arr.astype(bool)
+    shown = ", ".join(repr(v) for v in arr.ravel()[:3].tolist())
+    raise ValueError(f"{name} must be booleans (or 0/1), got dtype {arr.dtype} ({shown}...); read labels with "
+                     "interp.transcripts.binary_labels")
+
+
+def check_split(harmful: Any, groups: Any, *, test_size: float = 0.3, seed: int = 0, C: float | None = None,
+                cv: int = CV_FOLDS) -> tuple[np.ndarray, np.ndarray]:
+    """The held-out split :func:`compare` makes, ``(train, test)`` row indices, checked before any
+    work: both classes on both sides and, when C is chosen by ``cv``-fold grouped
+    cross-validation (``C=None``), at least ``cv`` of each class in ``cv`` groups on the training
+    side. Raises ``ValueError`` with the counts and what they must reach."""
+    harmful, groups = class_array(harmful, "harmful"), np.asarray(groups)
+    n, n_groups = len(harmful), len(np.unique(groups))
+    if n_groups < 2:
+        raise ValueError(f"the {n} transcripts form {n_groups} group (groups are transcript ids unless labels or "
+                         "metadata give a 'group'): are all the ids the same? A held-out split needs 2 groups")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train, test = grouped_train_test_split(groups, test_size=test_size, seed=seed, y=harmful)
+    need = cv if C is None else 1
+    for side, idx, k in (("training", train, need), ("test", test, 1)):
+        h, b, g = int(harmful[idx].sum()), int((~harmful[idx]).sum()), len(np.unique(groups[idx]))
+        if min(h, b) < k or (side == "training" and g < need):
+            why = (f"choosing C by {cv}-fold grouped cross-validation needs {cv} of each in {cv} groups there"
+                   if need > 1 and side == "training" else "a split needs both classes on both sides")
+            raise ValueError(f"{n} transcripts ({int(harmful.sum())} harmful) in {n_groups} groups leave {h} harmful "
+                             f"and {b} benign in {g} groups on the {side} side (test_size {test_size}); {why}: "
+                             "give more transcripts or groups" + (f" ({caught[0].message})" if caught else ""))
+    return train, test
+
+
 def cache_conditions(
     aligned: Model,
     finetuned: Model,
@@ -114,13 +163,16 @@ def cache_conditions(
     positions: Selector | str = "decision",
     batch_size: int = 16,
     progress: bool = True,
+    truncate: bool = False,
 ) -> dict[str, Activations]:
     """Activations of the three conditions at ``positions`` (default the decision position),
     plus every prefix token in the prefix condition: ``{"aligned", "finetuned", "prefix"} ->
-    Activations``. The prefix condition is ``transcripts`` each carrying ``prefix``."""
+    Activations``. The prefix condition is ``transcripts`` each carrying ``prefix`` (text: an
+    empty or whitespace-only prefix raises ``ValueError``). ``truncate`` keeps the last tokens
+    of transcripts longer than a model's context."""
     positions = parse(positions)
-    with_prefix = [t.with_prefix(prefix) for t in transcripts]
-    kw = dict(layers=layers, site=site, batch_size=batch_size, progress=progress)
+    with_prefix = [t.with_prefix(check_prefix(prefix)) for t in transcripts]
+    kw = dict(layers=layers, site=site, batch_size=batch_size, progress=progress, truncate=truncate)
     return {
         "aligned": cache_activations(aligned, transcripts, positions=positions, **kw),
         "finetuned": cache_activations(finetuned, transcripts, positions=positions, **kw),
@@ -157,7 +209,7 @@ def compare(
     """
     at = parse(at)
     X, harmful, groups, layers = _stacked(acts, harmful, groups, at)
-    train, test = grouped_train_test_split(groups, test_size=test_size, seed=seed, y=harmful)
+    train, test = check_split(harmful, groups, test_size=test_size, seed=seed, C=C)
     y_tr, y_te = harmful[train], harmful[test]
     fit = dict(C=C, groups=groups[train] if C is None else None, layers=layers, random_state=seed)
     with warnings.catch_warnings():
@@ -190,7 +242,7 @@ def _stacked(acts: Mapping[str, Activations], harmful, groups, at: Selector):
         raise ValueError(f"acts lacks conditions {missing} (need {', '.join(CONDITIONS)})")
     dec = {c: acts[c].where(selector=at) for c in CONDITIONS}
     n = len(dec["aligned"].transcripts)
-    harmful = np.asarray(harmful, dtype=bool)
+    harmful = class_array(harmful, "harmful")
     groups = np.asarray(groups)
     if harmful.shape != (n,) or groups.shape != (n,):
         raise ValueError(f"harmful and groups must be [n={n}], got {harmful.shape} and {groups.shape}")
@@ -219,7 +271,7 @@ def _logit_probes(X, refused, probes, train, test, groups, fit) -> tuple[str, di
     if refused is None:
         return "harmful", {"aligned": probes["aligned"], "finetuned": probes["finetuned"],
                            "prefix": probes["finetuned"]}, None
-    r = {c: np.asarray(refused[c], dtype=bool) for c in CONDITIONS}
+    r = {c: class_array(refused[c], f"refused[{c!r}]") for c in CONDITIONS}
     aligned_probe = _fit_or_none(X["aligned"][train], r["aligned"][train], fit)
     ft_rows = torch.cat([X["finetuned"][train], X["prefix"][train]])
     ft_y = np.concatenate([r["finetuned"][train], r["prefix"][train]])
@@ -256,8 +308,9 @@ def _layer_record(j, layer, within, transfer, direction, refusal_summary, dlogit
 
 
 def _fit_or_none(X, y, fit):
+    """A probe, or None when a class has too few rows (for C=None, fewer than its folds)."""
     y = np.asarray(y, dtype=bool)
-    if len(np.unique(y)) < 2 or min(y.sum(), (~y).sum()) < 2:
+    if min(y.sum(), (~y).sum()) < (CV_FOLDS if fit["C"] is None else 2):
         return None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

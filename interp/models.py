@@ -81,11 +81,7 @@ def _attr_path(root: Any, path: str) -> Any:
 
 def _find_layers(hf_model: nn.Module) -> str:
     for path in _LAYER_PATHS:
-        try:
-            mod = _attr_path(hf_model, path)
-        except AttributeError:
-            continue
-        if isinstance(mod, nn.ModuleList):
+        if isinstance(_try_path(hf_model, path), nn.ModuleList):
             return path
     n = getattr(hf_model.config, "num_hidden_layers", None)
     for name, mod in hf_model.named_modules():
@@ -413,16 +409,20 @@ def resolve(name_or_path: str | Path) -> Source:
                             f"({', '.join(_BUILTINS) or 'none registered'})")
 
 
+def check_weights(folder: Path, allow_pickle: bool = False) -> None:
+    """Refuse pickle-only weights (``pytorch_model.bin``, ``*.pt``: they can run code) unless ``allow_pickle``."""
+    pickles = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl") for p in folder.glob(pattern))
+    if pickles and not allow_pickle and not any(folder.glob("*.safetensors")):
+        raise ValueError(f"{folder}: the weights are pickle files ({', '.join(pickles[:3])}), which can run code when "
+                         "loaded; convert them to safetensors, or pass allow_pickle=True (--allow-pickle-weights)")
+
+
 def _merge_adapter(hf_model: nn.Module, adapter: Path) -> nn.Module:
     """The model with a PEFT adapter folder merged into its weights: a plain ``transformers``
     model again, so every backend runs it unchanged."""
     from peft import PeftModel  # optional dependency: only built-ins with adapters need it
 
     return PeftModel.from_pretrained(hf_model, str(adapter)).merge_and_unload()
-
-
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_model(
@@ -436,6 +436,7 @@ def load_model(
     revision: str | None = None,
     attn_implementation: str | None = "eager",
     tokenizer: Any = None,
+    allow_pickle: bool = False,
 ) -> Model:
     """Load a Hugging Face causal LM by hub id or local path (or ``"organism"``) into a backend.
 
@@ -450,11 +451,16 @@ def load_model(
         attn_implementation: ``"eager"`` by default so all backends (the bridge forces eager)
             compute exactly the same thing; pass ``"sdpa"`` for speed on ``"hf"``/``"nnsight"``.
         tokenizer: a tokenizer to use instead of the one saved with the model.
+        allow_pickle: load weights saved as pickle files (``pytorch_model.bin``); by default
+            only safetensors weights load, and a pickle-only folder raises ``ValueError``.
     """
     check_choice(backend, BACKENDS, "backend")
     source = resolve(name_or_path)
     path, local = source.path, source.local
-    kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=trust_remote_code, revision=revision)
+    for folder in ([Path(path)] if local else []) + ([source.adapter] if source.adapter else []):
+        check_weights(folder, allow_pickle)
+    kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=trust_remote_code, revision=revision,
+                                  use_safetensors=None if allow_pickle else True)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if device_map is not None:
@@ -469,7 +475,7 @@ def load_model(
     if source.adapter is not None:
         hf_model = _merge_adapter(hf_model, source.adapter)
     if device_map is None:
-        hf_model.to(device or _default_device())
+        hf_model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     hf_model.eval()
     if tok.pad_token_id is None:  # padding is done by hand; any id works under the mask
         tok.pad_token = tok.eos_token

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from interp.models import check_weights
 from interp.ping.loop import Feedback, Request, prefix_key
 
 
@@ -152,10 +153,14 @@ class HFChatGenerator(ChatGenerator):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, device: str = "cpu", dtype: str = "auto",
-                        **kwargs) -> HFChatGenerator:
-        """Load a chat model by hub id or local path (``trust_remote_code`` stays off)."""
+                        allow_pickle: bool = False, **kwargs) -> HFChatGenerator:
+        """Load a chat model by hub id or local path (``trust_remote_code`` stays off; weights
+        saved as pickle files only with ``allow_pickle``, see :func:`interp.models.check_weights`)."""
+        if Path(name_or_path).is_dir():
+            check_weights(Path(name_or_path), allow_pickle)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype,
+                                                     use_safetensors=None if allow_pickle else True).to(device).eval()
         return cls(model, tokenizer, **kwargs)
 
     def prompt(self, messages: list[dict[str, str]]) -> str:

@@ -19,13 +19,13 @@ follow raises a :class:`TranscriptError` naming the transcript, field and reason
 from .labelling import Span
 from .loaders import (DEFAULT_AGENT_SYSTEM_PROMPT, from_dataset, from_record, load_agentharm, load_jsonl,
                       save_jsonl)
-from .records import (KIND_INDEX, ROLES, SEGMENT_KINDS, Message, ToolCall, Transcript, TranscriptError, binary_label,
-                      binary_labels, validate)
+from .records import (KIND_INDEX, ROLES, SEGMENT_KINDS, Message, ToolCall, Transcript, TranscriptError, as_class,
+                      binary_label, binary_labels, validate)
 from .rendered import RenderedTranscript, Segment
-from .rendering import render, render_all
+from .rendering import count_tokens, render, render_all
 
 __all__ = [
     "DEFAULT_AGENT_SYSTEM_PROMPT", "KIND_INDEX", "ROLES", "SEGMENT_KINDS", "Message", "RenderedTranscript", "Segment",
-    "Span", "ToolCall", "Transcript", "TranscriptError", "binary_label", "binary_labels", "from_dataset",
-    "from_record", "load_agentharm", "load_jsonl", "render", "render_all", "save_jsonl", "validate",
+    "Span", "ToolCall", "Transcript", "TranscriptError", "as_class", "binary_label", "binary_labels", "count_tokens",
+    "from_dataset", "from_record", "load_agentharm", "load_jsonl", "render", "render_all", "save_jsonl", "validate",
 ]

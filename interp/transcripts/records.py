@@ -299,13 +299,23 @@ def binary_label(t: Transcript, key: str = "harmful") -> bool:
     """
     if key not in t.labels:
         fail(f"no label {key!r} (labels: {sorted(t.labels)})", t.source, None, f"labels.{key}", t.id)
-    v = t.labels[key]
+    try:
+        return as_class(t.labels[key])
+    except ValueError as e:
+        why = str(e)
+    fail(why, t.source, None, f"labels.{key}", t.id)
+
+
+def as_class(v: Any) -> bool:
+    """One label value read as a class by :func:`binary_label`'s rule (``True``/``False``, 1/0);
+    anything else raises ``ValueError`` saying what the value is. For labels kept elsewhere
+    (an activation store's transcript records)."""
     if isinstance(v, (bool, np.bool_)):
         return bool(v)
     if isinstance(v, numbers.Integral) and int(v) in (0, 1):
         return bool(int(v))
     why = "null (missing?)" if v is None else "NaN" if isinstance(v, float) and math.isnan(v) else repr(v)
-    fail(f"label value {why} is not a class (expected true/false or 1/0)", t.source, None, f"labels.{key}", t.id)
+    raise ValueError(f"label value {why} is not a class (expected true/false or 1/0)")
 
 
 def binary_labels(transcripts: Sequence[Transcript], key: str = "harmful") -> np.ndarray:

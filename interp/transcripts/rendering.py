@@ -115,6 +115,17 @@ def render(
     return RenderedTranscript(t, text, ids, offsets, kind, message, turn, call, tokens, truncated, empty)
 
 
+def count_tokens(transcript: Transcript, tokenizer, *, add_generation_prompt: bool | None = None,
+                 chat_template_kwargs: Mapping[str, Any] | None = None) -> int:
+    """How many tokens :func:`render` gives ``transcript`` (before any truncation), from the
+    template rendering alone: a fraction of the cost of labelling, for checking lengths first."""
+    _check_tokenizer(tokenizer)
+    t = transcript
+    gen = t.messages[-1].role != "assistant" if add_generation_prompt is None else add_generation_prompt
+    _, body = render_real(t, tokenizer, gen, dict(chat_template_kwargs or {}))
+    return len(tokenizer(body + (t.prefix or ""), add_special_tokens=False)["input_ids"])
+
+
 def render_all(transcripts: Sequence[Transcript], tokenizer, **kwargs) -> list[RenderedTranscript]:
     """:func:`render` every transcript; raises on an empty list."""
     if len(transcripts) == 0:
