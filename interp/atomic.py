@@ -1,4 +1,5 @@
-"""Atomic file writing: a reader never sees half a file, and a failed write leaves nothing.
+"""Atomic file writing: a reader never sees half a file, and a failed write leaves nothing. And
+reading that names the file on any decoding error (:func:`read_text`, :func:`read_json`).
 
 Every module of the project that writes a file goes through here. A write goes to a temporary
 sibling with a name unique to the writing process (``.NAME.PID.RANDOM.tmp``), is flushed to
@@ -100,6 +101,25 @@ def write_text(path: str | Path, text: str) -> Path:
 def save_json(obj: Any, path: str | Path, *, indent: int | None = 2, sort_keys: bool = False) -> Path:
     """Write ``obj`` as UTF-8 JSON (with a final newline) atomically. Returns the path."""
     return write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, ensure_ascii=False) + "\n")
+
+
+def read_text(path: str | Path, error: type[Exception] = ValueError) -> str:
+    """The UTF-8 text of ``path``; a file that is not UTF-8 raises ``error`` naming the file and
+    the byte (``FileNotFoundError`` passes through)."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+def read_json(path: str | Path, error: type[Exception] = ValueError) -> Any:
+    """The JSON value in ``path``; text that is not UTF-8 or not JSON raises ``error`` naming the
+    file (and the line)."""
+    try:
+        return json.loads(read_text(path, error))
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
 def write_lines(path: str | Path, lines: Iterator[str] | list[str]) -> Path:

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import plotly.graph_objects as go
 
+from interp.atomic import read_text
 from probes.metrics import Interval
 
 # Records and errors
@@ -152,7 +153,7 @@ def load_results(results_dir: str | Path) -> dict[str, Any]:
     names += sorted(p.name for p in root.glob("curve_seed*.json") if SEED_CURVE.fullmatch(p.name))
     out = {}
     for name in names:
-        text = (root / name).read_text(encoding="utf-8")
+        text = read_text(root / name, ResultError)
         try:
             if name.endswith(".jsonl"):
                 out[name] = [json.loads(line) for line in text.splitlines() if line.strip()]

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 from tqdm import tqdm
 
-from interp.atomic import write_lines
+from interp.atomic import read_text, write_lines
 
 
 class PingError(RuntimeError):
@@ -329,14 +329,14 @@ def _parse_candidate(path: Path, line: int, obj: dict) -> PrefixScore:
 def load_history(path: str | Path) -> tuple[PrefixScore, ...]:
     """Every candidate scored in a PING history file, in the order it was scored."""
     path = Path(path)
-    entries = _read(path, path.read_text(encoding="utf-8"))
+    entries = _read(path, read_text(path, PingError))
     return tuple(_parse_candidate(path, i, obj) for i, _, obj in entries if obj["kind"] == "candidate")
 
 
 def _resume(path: Path, settings: dict) -> tuple[list[PrefixScore], dict[str, PrefixScore], int, int]:
     """Read back (history of closed rounds, scored candidates of the round cut short by key,
     rounds closed, candidates screened), checking the settings; write the header if new."""
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    text = read_text(path, PingError) if path.exists() else ""
     if not text.strip():
         write_lines(path, [json.dumps({"kind": "config", **settings})])
         return [], {}, 0, 0
