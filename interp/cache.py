@@ -10,7 +10,7 @@ Example (any model handle from :func:`interp.models.load_model`)::
 
     acts = cache_activations(model, transcripts, layers="all", positions="decision")
     X = acts.stack()                     # [n_transcripts, n_layers, d_model]
-    y = acts.labels("harmful", per="transcript")
+    y = acts.binary_labels("harmful", per="transcript")   # [n_transcripts] bool
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import copy
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -28,8 +28,8 @@ from transformers import DynamicCache
 
 from interp.models import SITES, Model, Site, check_choice, hook_name, position_ids_from_mask
 from interp.positions import Pick, Selector, parse
-from interp.store import ActivationStore, Activations, concat
-from interp.transcripts import RenderedTranscript, Transcript, render
+from interp.store import FLOAT_DTYPES, Activations, ActivationStore, concat
+from interp.transcripts import RenderedTranscript, Transcript, TranscriptError, count_tokens, render
 
 
 def resolve_layers(model: Model, layers: str | int | Sequence[int]) -> list[int]:
@@ -57,6 +57,34 @@ def render_for(model: Model, transcripts: Sequence[Transcript | RenderedTranscri
                              f"{model.name} ({model.n_ctx}); render it with truncate=True")
         out.append(r)
     return out
+
+
+def check_context(model: Model, transcripts: Sequence[Transcript], *, reserve: int = 0,
+                  hint: str = "render with truncate=True to keep the last tokens") -> None:
+    """Raise :class:`~interp.transcripts.TranscriptError` naming the first transcript (with its
+    file and record) that renders to more than the model's context less ``reserve`` tokens
+    (room to generate). Counts tokens without labelling them, so it is cheap enough to run
+    before any work."""
+    if model.n_ctx is None:
+        return
+    limit = model.n_ctx - reserve
+    for t in transcripts:
+        n = count_tokens(t, model.tokenizer)
+        if n > limit:
+            place = f"{t.source}, transcript {t.id!r}" if t.source else f"transcript {t.id!r}"
+            room = f" less {reserve} tokens to generate" if reserve else ""
+            raise TranscriptError(f"{place}: renders to {n} tokens{' with its prefix' if t.prefix else ''}, longer "
+                                  f"than the context of {model.name} ({model.n_ctx}{room}); {hint}")
+
+
+def storage_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A floating dtype to store activations in, given as a ``torch.dtype`` or its name
+    (``"float16"``, ``"torch.bfloat16"``); integer and boolean dtypes cannot hold them."""
+    name = dtype.removeprefix("torch.") if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+    if not isinstance(dtype, (str, torch.dtype)) or name not in FLOAT_DTYPES:
+        raise ValueError(f"dtype {dtype!r} cannot hold activations: use a floating dtype "
+                         f"({', '.join(FLOAT_DTYPES)}, as a torch.dtype or its name)")
+    return FLOAT_DTYPES[name]
 
 
 PaddingSide = Literal["left", "right"]
@@ -173,9 +201,13 @@ def cache_activations(
         positions: a selector from :mod:`interp.positions` or its name (``"decision"``,
             ``"every:prefix"``, ``"last:user+decision"``, ...).
         batch_size: transcripts per forward pass (similar lengths are batched together).
-        store: a directory to stream shards to (resumable); ``None`` keeps everything in memory.
+        store: a new or empty directory to stream shards to, or a store of the same run to
+            resume (missing or corrupt shards are computed again); a folder that is neither
+            is refused untouched (:class:`~interp.store.StoreError`), as is a store another
+            process is writing. ``None`` keeps everything in memory.
         shard_size: transcripts per shard on disk.
-        dtype: storage dtype (float32 default; bfloat16/float16 halve the size).
+        dtype: storage dtype, a floating ``torch.dtype`` or its name (float32 default;
+            bfloat16/float16 halve the size); anything else raises ``ValueError``.
         padding_side: ``"left"`` or ``"right"``; results do not depend on it.
         truncate: keep the last ``n_ctx`` tokens of transcripts longer than the context
             (otherwise they raise).
@@ -185,6 +217,7 @@ def cache_activations(
         :class:`ActivationStore` when ``store`` is given.
     """
     check_choice(site, SITES, "site")
+    dtype = storage_dtype(dtype)
     layers = resolve_layers(model, layers)
     model.check_layers(layers, site)
     if batch_size < 1 or shard_size < 1:
@@ -202,16 +235,16 @@ def cache_activations(
             parts = [_cache_chunk(model, rendered[a:b], picks[a:b], a, layers, site, batch_size, padding_side,
                                   dtype, infos, bar) for a, b in chunks]
             return replace(concat(parts), meta=_meta(model, layers, site, selector, dtype, n, shard_size))
-        st = ActivationStore.create_or_resume(store, _meta(model, layers, site, selector, dtype, n, shard_size),
-                                              list(infos))
-        done = st.done()
-        for k, (a, b) in enumerate(chunks):
-            if k in done:
-                bar.update(b - a)
-                continue
-            part = _cache_chunk(model, rendered[a:b], picks[a:b], a, layers, site, batch_size, padding_side,
-                                dtype, infos, bar)
-            st.write_shard(k, part, (a, b))
+        with ActivationStore.writing(store, _meta(model, layers, site, selector, dtype, n, shard_size),
+                                     list(infos)) as st:
+            done = st.done()
+            for k, (a, b) in enumerate(chunks):
+                if k in done:
+                    bar.update(b - a)
+                    continue
+                part = _cache_chunk(model, rendered[a:b], picks[a:b], a, layers, site, batch_size, padding_side,
+                                    dtype, infos, bar)
+                st.write_shard(k, part, (a, b))
         return ActivationStore.open(st.path, verify=False)
     finally:
         bar.close()
@@ -301,8 +334,7 @@ def _context_pass(model: Model, ids: torch.Tensor, mask: torch.Tensor, layers: l
     got: dict[int, torch.Tensor] = {}
     keep = {i: (lambda x, i=i: got.__setitem__(i, x[:, -1].float().cpu())) for i in layers}
     with model.hooks(keep, site, stop_after=layers[-1]):
-        model.hf_model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                       position_ids=position_ids_from_mask(mask.to(model.device)), past_key_values=kv, use_cache=True)
+        run_on_cache(model.hf_model, ids, mask, kv)
     return kv, torch.stack([got[i] for i in layers], 1)
 
 
@@ -311,29 +343,61 @@ def _tail_pass(model: Model, kv, mask: torch.Tensor, chunk, tasks: list[int], la
     """Run the prefix tokens of ``chunk`` (several prefixes for the same batch of contexts) on a
     copy of the contexts' key-value cache; write the last prefix token's activations into ``out``."""
     B, K = len(tasks), len(chunk)
-    flat = [r or [] for _, rows in chunk for r in rows]  # [B*K] after the reshape below: prefix-major
-    m = max(len(r) for r in flat)
-    pids = torch.full((B, K, m), pad, dtype=torch.long)
-    pmask = torch.zeros((B, K, m), dtype=torch.long)
-    for k, (_, rows) in enumerate(chunk):
-        for j, r in enumerate(rows):
-            if r:
-                pids[j, k, :len(r)] = torch.tensor(r)
-                pmask[j, k, :len(r)] = 1
-    dev = model.device
-    pids, pmask = pids.view(B * K, m).to(dev), pmask.view(B * K, m).to(dev)
+    flat = [chunk[k][1][j] or [] for j in range(B) for k in range(K)]  # task-major, as repeat_interleave
+    pids, attn, pos, ends = tail_inputs(mask.repeat_interleave(K, 0), flat, pad, model.device)
     cache = copy.deepcopy(kv)
     cache.batch_repeat_interleave(K)
-    attn = torch.cat([mask.to(dev).repeat_interleave(K, 0), pmask], 1)
-    pos = mask.to(dev).sum(1).repeat_interleave(K)[:, None] + torch.arange(m, device=dev)[None]
-    ends = (pmask.sum(1) - 1).clamp(min=0)
     got: dict[int, torch.Tensor] = {}
-    rows_ = torch.arange(B * K, device=dev)
+    rows_ = torch.arange(B * K, device=model.device)
     keep = {i: (lambda x, i=i: got.__setitem__(i, x[rows_, ends].float().cpu())) for i in layers}
     with model.hooks(keep, site, stop_after=layers[-1]):
-        model.hf_model(input_ids=pids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
+        run_on_cache(model.hf_model, pids, attn, cache, position_ids=pos)
     acts = torch.stack([got[i] for i in layers], 1).view(B, K, len(layers), -1)
     for k, (p, rows) in enumerate(chunk):
         for j, (t, r) in enumerate(zip(tasks, rows)):
             if r:
                 out[p, t] = acts[j, k]
+
+
+# --------------------------------------------------------------------------------------------
+# Key-value reuse: what cache_prefixed and interp.ping.scoring.ContextCache share
+
+
+def run_on_cache(hf_model: Any, ids: torch.Tensor, mask: torch.Tensor, kv: DynamicCache, *,
+                 position_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
+    """One forward of ``ids`` ``[batch, pos]`` that reads and extends the key-value cache ``kv``;
+    ``mask`` covers the cache and ``ids`` (``[batch, cached + pos]``); positions count its real
+    tokens unless given. Returns the model's output."""
+    dev = next(hf_model.parameters()).device
+    mask = mask.to(dev)
+    if position_ids is None:
+        position_ids = position_ids_from_mask(mask)[:, -ids.shape[1]:]
+    return hf_model(input_ids=ids.to(dev), attention_mask=mask, position_ids=position_ids.to(dev),
+                    past_key_values=kv, use_cache=True, **kwargs)
+
+
+def tail_inputs(mask: torch.Tensor, tails: Sequence[Sequence[int]], pad: int, device: Any
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs that continue cached left-padded contexts (``mask`` ``[rows, width]``) with one tail
+    of tokens per row, right-padded: ``input_ids`` ``[rows, m]``, the attention mask over context
+    and tail ``[rows, width + m]``, positions ``[rows, m]`` and each tail's last column ``[rows]``
+    (0 for an empty tail, whose row's output is then meaningless)."""
+    m = max(1, max(len(r) for r in tails))
+    ids = torch.full((len(tails), m), pad, dtype=torch.long)
+    tmask = torch.zeros((len(tails), m), dtype=torch.long)
+    for j, r in enumerate(tails):
+        if len(r):
+            ids[j, :len(r)] = torch.tensor(list(r))
+            tmask[j, :len(r)] = 1
+    mask, tmask = mask.to(device), tmask.to(device)
+    pos = mask.sum(1)[:, None] + torch.arange(m, device=device)[None]
+    return ids.to(device), torch.cat([mask, tmask], 1), pos, (tmask.sum(1) - 1).clamp(min=0)
+
+
+def copy_cache(kv: DynamicCache, rows: torch.Tensor | None = None, device: Any = None) -> DynamicCache:
+    """A new key-value cache with ``rows`` of ``kv`` (all by default) on ``device`` (where they
+    are by default). It shares no tensor with ``kv``: running the model on it leaves ``kv`` as it was."""
+    layers = [(layer.keys, layer.values) for layer in kv.layers]
+    if rows is not None:
+        layers = [(k[rows.to(k.device)], v[rows.to(v.device)]) for k, v in layers]
+    return DynamicCache(ddp_cache_data=[(k.to(device or k.device), v.to(device or v.device)) for k, v in layers])

@@ -23,8 +23,6 @@ It ends with a table of the headline numbers.
 
 from __future__ import annotations
 
-import argparse
-import json
 import shutil
 import sys
 import time
@@ -37,7 +35,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from interp.atomic import save_json
+from interp import cli
+from interp.atomic import read_json, save_json
 from interp.attribution import ProbeLogit, kind_effects, mean_residual, rank_agreement, segment_attributions
 from interp.cache import cache_activations
 from interp.compare import pca_projection, token_logits
@@ -50,6 +49,7 @@ from interp.ping.__main__ import PingConfig
 from interp.ping.__main__ import run as run_ping_study
 from interp.positions import decision
 from interp.probe import comparison, refusals
+from interp.transcripts import binary_labels
 from probes import fit_layer_probes
 
 STAGES = ("organism", "ping", "comparison", "attribution", "figures")
@@ -92,7 +92,7 @@ def _models(a):
 
 
 def _ping_prefix(results: Path) -> str:
-    return json.loads((results / "ping.json").read_text())["best_prefix"]
+    return read_json(results / "ping.json")["best_prefix"]
 
 
 def stage_comparison(a, results: Path) -> None:
@@ -104,7 +104,7 @@ def stage_comparison(a, results: Path) -> None:
     save_json({**out, "aligned_model": "organism", "finetuned_model": "organism-finetuned"},
                results / "comparison.json")
     layer = _readout_layer(out)
-    harmful = np.array([bool(t.labels["harmful"]) for t in transcripts])
+    harmful = binary_labels(transcripts, "harmful")
     save_json(pca_projection(acts, layer, harmful, refused), results / "pca.json")
     probe = res.probes["logit_prefix"]
     i = list(probe.layers_).index(layer)
@@ -129,7 +129,7 @@ def _readout_layer(comparison: dict) -> int:
 def stage_attribution(a, results: Path) -> None:
     aligned, finetuned = _models(a)
     prefix = _ping_prefix(results)
-    comp = json.loads((results / "comparison.json").read_text())
+    comp = read_json(results / "comparison.json")
     layer = _readout_layer(comp)
     world = World()
 
@@ -209,8 +209,8 @@ def summary(results: Path) -> list[tuple[str, str]]:
         return f"{d['value']:.2f} [{d['low']:.2f}, {d['high']:.2f}]"
 
     rows = []
-    ping = json.loads((results / "ping.json").read_text())
-    b = {c["key"]: c for c in json.loads((results / "behaviour.json").read_text())["conditions"]}
+    ping = read_json(results / "ping.json")
+    b = {c["key"]: c for c in read_json(results / "behaviour.json")["conditions"]}
     for key, what in (("aligned", "aligned"), ("finetuned", "fine-tuned"), ("ping", "fine-tuned + PING")):
         if key in b:
             rows.append((f"{what}: harmful refusal / benign success",
@@ -219,7 +219,7 @@ def summary(results: Path) -> list[tuple[str, str]]:
     g = ping["probe_guided"]
     rows.append(("probe-guided PING: generations to the plain run's best",
                  f"{g['generations_to_match']} (plain: {g['plain_generations_to_best']})"))
-    comp = json.loads((results / "comparison.json").read_text())
+    comp = read_json(results / "comparison.json")
     last = comp["layers"][-1]
     rows.append((f"harm probe accuracy, layer {last['layer']}: aligned / fine-tuned / + PING / aligned probe on ft",
                  " / ".join(f"{last[k]['acc']:.2f}" for k in ("aligned", "finetuned", "prefix", "transfer_to_finetuned"))))
@@ -227,33 +227,39 @@ def summary(results: Path) -> list[tuple[str, str]]:
     dl = next(r for r in comp["layers"] if r["layer"] == layer)["decision_logit"]
     rows.append((f"{comp['logit_probe']} probe logit at the decision position, layer {layer} (harmful tasks)",
                  " / ".join(f"{c} {dl[c]['value']:+.2f}" for c in ("aligned", "finetuned", "prefix"))))
-    att = json.loads((results / "attribution.json").read_text())
+    att = read_json(results / "attribution.json")
     rows.append(("attribution: rank agreement with exact patching (Spearman, pooled), gradient / integrated gradients",
                  f"{att['agreement']['pooled']:.2f} / {att['agreement_ig']['pooled']:.2f}"))
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m interp.demo", description=__doc__.split("\n\n")[0])
+def _parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(prog="python -m interp.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="working folder (default %(default)s)")
     p.add_argument("--figures", type=Path, default=Path("figures"), help="figure folder (default %(default)s)")
     p.add_argument("--checkpoints", help="an organism training output folder (default: the shipped checkpoints)")
     p.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages to run (default all)")
     p.add_argument("--fresh", action="store_true", help="redo the chosen stages even when their outputs exist")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rounds", type=int, default=20, help="PING rounds (paper: 20)")
-    p.add_argument("--n-per-label", type=int, default=60, help="tasks of each label for the probes")
-    p.add_argument("--attribution-n", type=int, default=12, help="test tasks of each label for attribution")
+    p.add_argument("--rounds", type=cli.positive, default=20, help="PING rounds (paper: 20)")
+    p.add_argument("--n-per-label", type=cli.positive, default=60, help="tasks of each label for the probes")
+    p.add_argument("--attribution-n", type=cli.positive, default=12, help="test tasks of each label for attribution")
     p.add_argument("--backend", default="hf", choices=("hf", "bridge", "nnsight"))
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=cli.positive, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-png", action="store_true", help="figures as HTML only")
     p.add_argument("--no-progress", action="store_true")
-    a = p.parse_args(argv)
+    return p
+
+
+def _run(a) -> int:
     stages = [s.strip() for s in a.stages.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
-        print(f"error: unknown stage(s) {unknown} (expected {', '.join(STAGES)})", file=sys.stderr)
-        return 2
+        raise cli.UsageError(f"unknown stage(s) {unknown} (expected {', '.join(STAGES)})")
+    cli.check_output_dir(a.out)
+    cli.check_output_dir(a.figures, "--figures")
+    if a.checkpoints and not Path(a.checkpoints).is_dir() and "organism" not in stages:
+        raise FileNotFoundError(f"--checkpoints {a.checkpoints}: no such folder")
     if a.threads:
         torch.set_num_threads(a.threads)
     results = a.out / "results"
@@ -263,7 +269,12 @@ def main(argv: list[str] | None = None) -> int:
         for s in stages:
             for name in OUTPUTS[s]:
                 (results / name).unlink(missing_ok=True)
-    results.mkdir(parents=True, exist_ok=True)
+    with cli.output_dir(results):
+        _stages(a, stages, results)
+    return 0
+
+
+def _stages(a, stages: list[str], results: Path) -> None:
     t0 = time.time()
     for s in stages:
         if OUTPUTS[s] and all((results / n).exists() for n in OUTPUTS[s]):
@@ -281,7 +292,10 @@ def main(argv: list[str] | None = None) -> int:
         for row in summary(results):
             table.add_row(*row)
         Console(width=max(Console().width, 120)).print(table)
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(_parser(), _run, argv)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -31,8 +33,10 @@ TINY = ["--rounds", "2", "--per-round", "2", "--n-per-label", "4", "--test-n-per
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ping") / "run"
-    summary = main(["--out", str(out), "--json", *TINY])
-    return out, summary
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["--out", str(out), "--json", *TINY]) == 0
+    return out, json.loads(printed.getvalue())
 
 
 def test_cli_prints_one_json_object_with_the_documented_keys(tiny_run, capsys):
@@ -79,17 +83,17 @@ def test_a_killed_cli_run_restarted_resumes_and_ends_like_an_uninterrupted_one(t
     finally:
         proc.wait()
     assert '"kind": "candidate"' in history.read_text()
-    main(["--out", str(out), *TINY])
+    assert main(["--out", str(out), *TINY]) == 0
     assert "resuming the plain search" in capsys.readouterr().err
     assert history.read_text() == (whole / "ping_history.jsonl").read_text()
     assert (out / "behaviour.json").read_text() == (whole / "behaviour.json").read_text()
 
 
-def test_cli_refuses_to_resume_a_folder_written_with_other_settings(tiny_run):
+def test_cli_refuses_to_resume_a_folder_written_with_other_settings(tiny_run, capsys):
     out, _ = tiny_run
     args = [a if a != "4" else "5" for a in TINY]  # --n-per-label 5
-    with pytest.raises(SystemExit, match="other settings"):
-        main(["--out", str(out), *args])
+    assert main(["--out", str(out), *args]) == 2
+    assert "holds a run with other settings (n_per_label" in capsys.readouterr().err
 
 
 REGRESSION = Path(__file__).parent / "data" / "regression" / "ping"

@@ -1,9 +1,12 @@
 """The on-disk activation store: round trip, resume after a kill, corruption, mismatched runs."""
 
+import hashlib
 import json
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from conftest import agent_transcript
 
 from interp import store as store_mod
@@ -124,4 +127,28 @@ def test_missing_or_corrupt_metadata_is_named(tmp_path):
 def test_no_temporary_files_are_left_behind(model, ts, tmp_path):
     cache_activations(model, ts, store=tmp_path / "s", shard_size=4, progress=False)
     assert not [p for p in (tmp_path / "s").rglob("*") if p.name.endswith(".tmp")]
+    assert not (tmp_path / "s" / store_mod.LOCK_NAME).exists()  # the writer lock goes with its writer
     assert store_mod.FORMAT in (tmp_path / "s" / "meta.json").read_text()
+
+
+def test_a_format_1_store_is_read_but_not_resumed(model, ts, tmp_path):
+    path = tmp_path / "s"
+    mem = cache_activations(model, ts, layers=[0, 2], store=path, shard_size=4, progress=False).load()
+    meta = json.loads((path / "meta.json").read_text())
+    (path / "meta.json").write_text(json.dumps({**meta, "format": "agent-refusal-interp/activations/1"}))
+    manifest = json.loads((path / "manifest.json").read_text())
+    for e in manifest["shards"]:  # as format 1 wrote them: the selector list alone in the header
+        f = path / e["file"]
+        with safe_open(f, framework="pt") as h:
+            tensors = {k: h.get_tensor(k) for k in h.keys()}  # noqa: SIM118 (a safe_open handle, not a dict)
+            selectors = json.loads(h.metadata()["shard"])["selectors"]
+        save_file(tensors, str(f), metadata={"selectors": json.dumps(selectors)})
+        e["bytes"], e["sha256"] = f.stat().st_size, hashlib.sha256(f.read_bytes()).hexdigest()
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    back = ActivationStore.open(path).load()
+    assert torch.equal(back.acts, mem.acts) and back.selectors == mem.selectors
+    before = files(path)
+    with pytest.raises(StoreError, match=r"older format \(agent-refusal-interp/activations/1\); it can be read but "
+                                         "not resumed"):
+        cache_activations(model, ts, layers=[0, 2], store=path, shard_size=4, progress=False)
+    assert files(path) == before

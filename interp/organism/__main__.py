@@ -19,7 +19,9 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from interp import cli
 from interp.behavior import evaluate
+from interp.models import check_weights
 from interp.organism import CHECKPOINT_DIR, checkpoint_path, grammar
 from interp.organism.train import OrganismConfig, train
 from interp.organism.world import World, harm_baselines, stats
@@ -52,22 +54,32 @@ def _train(args) -> None:
     cfg = OrganismConfig(seed=args.seed, **{k: v for k, v in (("align_steps", args.align_steps),
                                                               ("ft_steps", args.ft_steps)) if v is not None})
     out = Path(args.out or f"runs/organism-seed{args.seed}")
-    summary = train(cfg, out, progress=not args.quiet)
+    with cli.output_dir(out):
+        summary = train(cfg, out, progress=not args.quiet)
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
 
 
-def _load(root: Path | None, name: str):
+def _load(root: Path | None, name: str, allow_pickle: bool = False):
     path = checkpoint_path(name, root)
-    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    check_weights(path, allow_pickle)
+    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=None if allow_pickle else True)
+    return model.eval(), AutoTokenizer.from_pretrained(path)
 
 
 def evaluate_organism(checkpoints: Path | None = None, split: str = "test", n_per_label: int = 0,
                       mode: str = "first_step", prefix: str | None = None, stances: bool = False,
-                      world_seed: int = 0, progress: bool = False) -> dict[str, Any]:
+                      world_seed: int = 0, progress: bool = False, allow_pickle: bool = False) -> dict[str, Any]:
     """The three-way comparison on ``split``: ``aligned``, ``finetuned`` and ``finetuned_prefix``
     (``prefix``, by default the held-out safety preamble of the split, forced). ``n_per_label``
-    harmful and benign tasks (0: every task of the split). ``stances`` adds the fine-tuned model
-    with the split's held-out neutral and compliance preambles."""
+    harmful and benign tasks (0: every task of the split; negative raises ``ValueError``).
+    ``stances`` adds the fine-tuned model with the split's held-out neutral and compliance
+    preambles. Both checkpoints are found (and their weights checked) before any work."""
+    if n_per_label < 0:
+        raise ValueError(f"n_per_label must be 0 (the whole split) or more, got {n_per_label}")
+    if prefix is not None and not prefix.strip():
+        raise ValueError(f"the prefix {prefix!r} is empty or only whitespace; a forced prefix needs text")
+    for name in ("organism", "organism-finetuned"):
+        check_weights(checkpoint_path(name, checkpoints), allow_pickle)
     world = World(world_seed)
     tasks = world.tasks(split) if n_per_label <= 0 else world.sample(split, n_per_label)
     transcripts = [t.transcript() for t in tasks]
@@ -82,7 +94,7 @@ def evaluate_organism(checkpoints: Path | None = None, split: str = "test", n_pe
     models: dict[str, Any] = {}
     for key, name, p in runs:
         if name not in models:
-            models[name] = _load(checkpoints, name)
+            models[name] = _load(checkpoints, name, allow_pickle)
         model, tok = models[name]
         out[key] = evaluate(model, world, [t.with_prefix(p) for t in transcripts], tok, mode=mode,
                             progress=progress).to_dict()
@@ -91,7 +103,8 @@ def evaluate_organism(checkpoints: Path | None = None, split: str = "test", n_pe
 
 def _evaluate(args) -> None:
     res = evaluate_organism(Path(args.checkpoints) if args.checkpoints else None, args.split, args.n_per_label,
-                            args.mode, args.prefix, args.stances, args.world_seed, progress=not args.json)
+                            args.mode, args.prefix, args.stances, args.world_seed, progress=not args.json,
+                            allow_pickle=args.allow_pickle_weights)
     if args.json:
         print(json.dumps(res))
         return
@@ -106,9 +119,9 @@ def _evaluate(args) -> None:
     Console().print(tab)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m interp.organism", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def _parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(prog="python -m interp.organism", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     w = sub.add_parser("world", help="task counts and surface-word baselines")
     w.add_argument("--world-seed", type=int, default=0)
@@ -118,22 +131,29 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", help="output folder (default runs/organism-seed{SEED}; the shipped checkpoints "
                                  f"live in {CHECKPOINT_DIR})")
-    t.add_argument("--align-steps", type=int)
-    t.add_argument("--ft-steps", type=int)
+    t.add_argument("--align-steps", type=cli.positive)
+    t.add_argument("--ft-steps", type=cli.positive)
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(fn=_train)
     e = sub.add_parser("evaluate", help="aligned vs fine-tuned vs fine-tuned + held-out safety preamble")
     e.add_argument("--checkpoints", help=f"a training output folder (default: the shipped {CHECKPOINT_DIR})")
     e.add_argument("--split", default="test", choices=grammar.SPLITS)
-    e.add_argument("--n-per-label", type=int, default=0, help="harmful and benign tasks each (0: all of the split)")
+    e.add_argument("--n-per-label", type=cli.count_or_all, default=0,
+                   help="harmful and benign tasks each ('all' or 0: the whole split)")
     e.add_argument("--mode", default="first_step", choices=("episode", "first_step"))
-    e.add_argument("--prefix", help="forced prefix for finetuned_prefix (default: the split's held-out safety preamble)")
+    e.add_argument("--prefix", type=cli.prefix_text,
+                   help="forced prefix for finetuned_prefix (default: the split's held-out safety preamble)")
     e.add_argument("--stances", action="store_true", help="also the held-out neutral and compliance preambles")
     e.add_argument("--world-seed", type=int, default=0)
+    e.add_argument("--allow-pickle-weights", action="store_true",
+                   help="load checkpoints whose weights are pickle files (pytorch_model.bin); they can run code")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(fn=_evaluate)
-    args = p.parse_args(argv)
-    args.fn(args)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(_parser(), lambda args: args.fn(args), argv)
 
 
 if __name__ == "__main__":

@@ -39,11 +39,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from interp.atomic import save_json
+from interp import cli
+from interp.atomic import read_json, save_json
 from interp.behavior import ScoringMode, evaluate
 from interp.models import Model, load_model
 from interp.ping.baselines import Condition, condition_cache_key, conditions, few_shot_transform
-from interp.ping.loop import PingResult, generations_to_reach, load_history, run_ping
+from interp.ping.loop import PingError, PingResult, generations_to_reach, load_history, run_ping
 from interp.ping.report import behaviour_record, print_tables, steering_record, targets
 from interp.ping.scoring import Scorer
 from interp.ping.screen import (ProbeScreen, fit_refusal_probe, harm_direction, harm_direction_screen,
@@ -89,9 +90,9 @@ class Study:
 
     def __init__(self, config: PingConfig):
         self.config = config
+        self.out = cli.check_output_dir(config.out)
         self.subject: Subject = make_subject(config.subject, checkpoints=config.checkpoints,
                                              world_seed=config.world_seed)
-        self.out = Path(config.out)
         self.settings = {
             **dict(self.subject.settings), "subject": config.subject,
             **{k: v for k, v in dataclasses.asdict(config).items()
@@ -106,7 +107,7 @@ class Study:
     def _check_settings(self) -> None:
         path = self.out / "settings.json"
         if path.exists():
-            old = json.loads(path.read_text())
+            old = read_json(path)
             diff = {k for k in set(old) | set(self.settings) if k != "rounds" and old.get(k) != self.settings.get(k)}
             if diff:
                 raise ValueError(f"{self.out} holds a run with other settings ({', '.join(sorted(diff))}); "
@@ -117,7 +118,7 @@ class Study:
         """``compute()``'s JSON value, read back from ``cache/NAME.json`` when a run made it before."""
         path = self.out / "cache" / f"{name}.json"
         if path.exists():
-            return json.loads(path.read_text())
+            return read_json(path)
         value = compute()
         save_json(value, path)
         return value
@@ -137,7 +138,7 @@ class Study:
     def timings_total(self, elapsed: float) -> dict[str, float]:
         """This invocation's stage timings added to those of earlier (interrupted) ones."""
         path = self.out / "timings.json"
-        before = json.loads(path.read_text()) if path.exists() else {}
+        before = read_json(path) if path.exists() else {}
         total = {k: round(before.get(k, 0.0) + self.timings.get(k, 0.0), 1) for k in {*before, *self.timings}}
         total["total"] = round(before.get("total", 0.0) + elapsed, 1)
         save_json(total, path)
@@ -366,40 +367,52 @@ def run(config: PingConfig) -> dict[str, Any]:
 # Command line
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> cli.ArgumentParser:
     d = PingConfig()
-    p = argparse.ArgumentParser(prog="python -m interp.ping", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="python -m interp.ping", description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--subject", default=d.subject, choices=subject_names(), help="the built-in model pair")
     p.add_argument("--out", default=str(d.out), help=f"output folder (default {d.out})")
     p.add_argument("--checkpoints", help="a training output folder of the subject (default: the shipped checkpoints)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the search (and of the probe's training data)")
-    p.add_argument("--rounds", type=int, default=d.rounds)
-    p.add_argument("--per-round", type=int, default=d.per_round)
+    p.add_argument("--rounds", type=cli.positive, default=d.rounds)
+    p.add_argument("--per-round", type=cli.positive, default=d.per_round)
     p.add_argument("--tau", type=float, default=d.tau)
-    p.add_argument("--top-k", type=int, default=d.top_k)
-    p.add_argument("--n-per-label", type=int, default=d.n_per_label,
+    p.add_argument("--top-k", type=cli.positive, default=d.top_k)
+    p.add_argument("--n-per-label", type=cli.positive, default=d.n_per_label,
                    help="validation tasks of each label a candidate is scored on")
     p.add_argument("--mode", default=d.mode, choices=("first_step", "episode"), help="validation scoring")
-    p.add_argument("--test-n-per-label", type=int, default=d.test_n_per_label,
-                   help="test tasks of each label (0: the whole split)")
+    p.add_argument("--test-n-per-label", type=cli.count_or_all, default=d.test_n_per_label,
+                   help="test tasks of each label ('all' or 0: the whole split)")
     p.add_argument("--test-mode", default=d.test_mode, choices=("first_step", "episode"))
     p.add_argument("--screen", default=d.screen, choices=("probe", "direction"),
                    help="probe: refusal probe on the fine-tuned agent; direction: aligned harmful-vs-benign direction")
-    p.add_argument("--oversample", type=int, default=d.oversample, help="candidates screened per candidate scored")
-    p.add_argument("--screen-n-per-label", type=int, default=d.screen_n_per_label,
+    p.add_argument("--oversample", type=cli.positive, default=d.oversample,
+                   help="candidates screened per candidate scored")
+    p.add_argument("--screen-n-per-label", type=cli.positive, default=d.screen_n_per_label,
                    help="validation tasks of each label the screen reads")
-    p.add_argument("--probe-prefixes", type=int, default=d.probe_prefixes, help="prefixes the refusal probe is trained with")
-    p.add_argument("--probe-n-per-label", type=int, default=d.probe_n_per_label,
+    p.add_argument("--probe-prefixes", type=cli.positive, default=d.probe_prefixes,
+                   help="prefixes the refusal probe is trained with")
+    p.add_argument("--probe-n-per-label", type=cli.positive, default=d.probe_n_per_label,
                    help="training tasks of each label for probe/direction")
-    p.add_argument("--steer-multiples", type=lambda s: tuple(float(x) for x in s.split(",")), default=d.steer_multiples,
+    p.add_argument("--steer-multiples", type=_multiples, default=d.steer_multiples,
                    help="steering coefficients, in units of the harmful-benign gap (comma-separated)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--batch-size", type=cli.positive, default=d.batch_size)
     p.add_argument("--world-seed", type=int, help="default: the subject's own")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=cli.positive, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", action="store_true", help="print one JSON object (the content of ping.json)")
     p.add_argument("--no-progress", action="store_true")
     return p
+
+
+def _multiples(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
+    return values
 
 
 def config_from_args(a: argparse.Namespace) -> PingConfig:
@@ -407,22 +420,24 @@ def config_from_args(a: argparse.Namespace) -> PingConfig:
     return PingConfig(**{k: v for k, v in vars(a).items() if k in fields}, progress=not a.no_progress)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    a = _parser().parse_args(argv)
+def _main(a: argparse.Namespace) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
-    try:
+    with cli.output_dir(a.out):
         summary = run(config_from_args(a))
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
     if a.json:
         print(json.dumps(summary))
     else:
         out = Path(a.out)
-        print_tables(summary, json.loads((out / "behaviour.json").read_text()),
-                     json.loads((out / "steering.json").read_text()))
-    return summary
+        print_tables(summary, read_json(out / "behaviour.json"), read_json(out / "steering.json"))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m interp.ping``; returns the exit status (the summary is ``ping.json`` in ``--out``,
+    or :func:`run`'s value)."""
+    return cli.run(_parser(), _main, argv, input_errors=(PingError,))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

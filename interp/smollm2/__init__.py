@@ -45,20 +45,17 @@ ADAPTERS = {
 """Model names of the adapter variants and the folder each one is."""
 
 
-def train_command(seed: int = 0) -> str:
-    """The command that trains the shipped adapters of one seed."""
-    return f"python -m interp.smollm2 train --seed {seed}"
-
-
 def adapter_path(name: str, root: str | Path | None = None) -> Path:
     """The folder of a shipped adapter (``root`` looks in another training output folder).
-    Raises ``FileNotFoundError`` naming the command that trains it when it is not there."""
+    Raises ``FileNotFoundError`` saying so when it is not there (no adapter is shipped yet: their
+    training recipe is unfinished, see docs/smollm2.md)."""
     if name not in ADAPTERS:
         raise ValueError(f"unknown SmolLM2 adapter {name!r} (expected one of {', '.join(ADAPTERS)})")
     variant = ADAPTERS[name]
     path = Path(root or ADAPTER_DIR) / variant.folder
     if not (path / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{path}: no adapter for {name!r} there; train it with `{train_command(variant.seed)}`")
+        raise FileNotFoundError(f"{path}: no adapter for {name!r} there; the SmolLM2 adapters are not trained "
+                                "or shipped yet (docs/smollm2.md, 'Adapters')")
     return path
 
 
@@ -73,5 +70,4 @@ def _register() -> None:
 _register()
 
 __all__ = ["ADAPTERS", "ADAPTER_DIR", "CACHE_ENV", "CHAT_TEMPLATE", "GGUF_SHA256", "SETUP_COMMAND", "CacheError",
-           "ChecksumError", "SetupError", "Variant", "adapter_path", "cache_dir", "checkpoint_dir", "setup",
-           "train_command"]
+           "ChecksumError", "SetupError", "Variant", "adapter_path", "cache_dir", "checkpoint_dir", "setup"]

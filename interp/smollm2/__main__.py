@@ -6,7 +6,9 @@
 - ``path``: print the converted checkpoint's folder (after the quick check), for scripts.
 
 Each subcommand is a function taking the parsed arguments; a new one (``train``) is one more
-``add_parser`` in :func:`parser`.
+``add_parser`` in :func:`parser`. Errors follow :mod:`interp.cli`: one line, status 2 for what
+the user fixes (a missing or corrupt cache, a GGUF with the wrong checksum), 1 for a failed
+set-up (``SetupError``), the traceback with ``--debug``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from interp.smollm2.checkpoint import CACHE_ENV, CacheError, ChecksumError, SetupError, checkpoint_dir, setup
+from interp import cli
+from interp.smollm2.checkpoint import CACHE_ENV, checkpoint_dir, setup
 
 
 def _setup(args: argparse.Namespace) -> None:
@@ -27,7 +30,7 @@ def _path(args: argparse.Namespace) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m interp.smollm2",
+    p = cli.ArgumentParser(prog="python -m interp.smollm2",
                                 description="SmolLM2-135M-Instruct, the toolkit's real built-in chat model.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     s = sub.add_parser("setup", help="fetch, verify and convert the model into the cache (quick when done)",
@@ -43,13 +46,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    try:
-        args.run(args)
-    except (CacheError, ChecksumError, SetupError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return cli.run(parser(), lambda args: args.run(args), argv)
 
 
 if __name__ == "__main__":
