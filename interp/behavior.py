@@ -247,11 +247,13 @@ def first_step_until(transcripts: Sequence[Transcript], judge: Callable[[str], b
 
 def _replies(model: Any, transcripts: Sequence[Transcript], tokenizer: Any, contexts: ReplySource | None,
              **kwargs: Any) -> list[Generation]:
-    """:func:`generate`'s replies, taken from ``contexts`` when given."""
+    """:func:`generate`'s replies, taken from ``contexts`` when given (with ``model`` None, all of
+    them: a served agent, :class:`interp.served.ServedAgent`, holds the model)."""
     if contexts is None:
         return generate(model, transcripts, tokenizer, **kwargs)
-    if contexts.hf_model is not unwrap(model, tokenizer)[0]:
-        raise ValueError("contexts holds the key-value caches of another model than the one scored")
+    if model is not None and contexts.hf_model is not unwrap(model, tokenizer)[0]:
+        raise ValueError("contexts holds the key-value caches of another model than the one scored "
+                         "(a served agent: pass model=None)")
     kwargs.pop("batch_size")
     return contexts.generate(transcripts, **kwargs)
 
@@ -306,7 +308,8 @@ def run_episodes(
     ``transform`` rewrites each starting transcript (a system prompt, few-shot examples, text
     appended to the request); a transcript's ``prefix`` is forced at the start of its first
     reply only. The environment answers every call; all active episodes advance together in
-    batches. ``contexts`` gives the first replies (see :func:`score_first_step`).
+    batches. ``contexts`` gives the first replies (see :func:`score_first_step`), and every reply
+    when ``model`` is None (a served agent).
     """
     judge = judge or RefusalJudge()
     convs = [transform(t) if transform else t for t in transcripts]
@@ -318,7 +321,7 @@ def run_episodes(
     for step in range(max_steps):
         if not active:
             break
-        gens = _replies(model, [convs[i] for i in active], tokenizer, contexts if step == 0 else None,
+        gens = _replies(model, [convs[i] for i in active], tokenizer, contexts if step == 0 or model is None else None,
                         max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
         still = []
         for i, g in zip(active, gens):
@@ -362,11 +365,14 @@ def rates(outcomes: Sequence[Outcome], n_boot: int = 2000, seed: int = 0) -> dic
 @dataclass(frozen=True)
 class Evaluation:
     """Rates and the outcomes they came from; ``inexact`` names the rates judged on replies that
-    early stopping cut short (:func:`first_step_until`), which full replies may change."""
+    early stopping cut short (:func:`first_step_until`), which full replies may change;
+    ``prefix_placement`` says where a scored prefix went when not at the start of the reply (the
+    suffix fallback of :class:`interp.ping.scoring.Scorer`)."""
 
     rates: Mapping[str, Interval]
     outcomes: tuple[Outcome, ...]
     inexact: tuple[str, ...] = ()
+    prefix_placement: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {k: v.to_dict() for k, v in self.rates.items()}
@@ -374,6 +380,8 @@ class Evaluation:
         d["n_benign"] = sum(not o.harmful for o in self.outcomes)
         if self.inexact:
             d["inexact"] = list(self.inexact)
+        if self.prefix_placement is not None:
+            d["prefix_placement"] = self.prefix_placement
         return d
 
 

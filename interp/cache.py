@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -28,7 +28,7 @@ from transformers import DynamicCache
 
 from interp.models import SITES, Model, Site, check_choice, hook_name, position_ids_from_mask
 from interp.positions import Pick, Selector, parse
-from interp.store import FLOAT_DTYPES, Activations, ActivationStore, concat
+from interp.store import FLOAT_DTYPES, Activations, ActivationStore, concat, ranks
 from interp.transcripts import RenderedTranscript, Transcript, TranscriptError, count_tokens, render
 
 
@@ -139,40 +139,100 @@ def _transcript_info(i: int, r: RenderedTranscript) -> dict:
     return {"index": i, "id": r.id, "labels": dict(r.transcript.labels), "n_tokens": len(r), "truncated": r.truncated}
 
 
-def _cache_chunk(model: Model, rendered: list[RenderedTranscript], picks: list[list[Pick]], start: int,
-                 layers: list[int], site: str, batch_size: int, padding_side: str, dtype: torch.dtype,
-                 infos: tuple, bar) -> Activations:
-    """Activations of transcripts ``start : start + len(rendered)``, in their order."""
-    order = sorted(range(len(rendered)), key=lambda i: len(rendered[i]))  # less padding per batch
-    per_transcript: list[torch.Tensor | None] = [None] * len(rendered)
-    for lo in range(0, len(order), batch_size):
-        idx = order[lo:lo + batch_size]
-        ids, mask, offsets = pad_batch([rendered[i] for i in idx], model.tokenizer.pad_token_id, padding_side)
-        got = model.residual(ids, mask, layers, site, gather=_gather_fn([picks[i] for i in idx], offsets))
-        block = torch.stack([got[layer] for layer in layers], dim=1).to(dtype).cpu()  # [rows, n_layers, d]
-        row = 0
-        for i in idx:
-            n = len(picks[i])
-            per_transcript[i] = block[row:row + n]
-            row += n
-        bar.update(len(idx))
-    rows = {"transcript": [], "position": [], "n_positions": [], "kind": [], "message": [], "turn": []}
-    selectors = []
-    for i, (r, ps) in enumerate(zip(rendered, picks)):
-        for pick in ps:
-            p = pick.position
-            rows["transcript"].append(start + i)
-            rows["position"].append(p)
-            rows["n_positions"].append(len(pick.positions))
-            rows["kind"].append(int(r.kind[p]))
-            rows["message"].append(int(r.message[p]))
-            rows["turn"].append(int(r.turn[p]))
-            selectors.append(pick.selector)
-    return Activations(
-        acts=torch.cat(per_transcript), layers=tuple(layers), site=site,
-        rows={k: np.asarray(v, dtype=np.int64) for k, v in rows.items()},
-        selectors=tuple(selectors), transcripts=infos,
-    )
+@dataclass(frozen=True)
+class _Plan:
+    """One call's checked inputs, split into shards: transcripts ``[k * shard_size, (k + 1) *
+    shard_size)`` form shard ``k``, in memory as on disk."""
+
+    model: Model
+    rendered: list[RenderedTranscript]
+    picks: list[list[Pick]]
+    layers: list[int]
+    site: Site
+    selector: Selector
+    dtype: torch.dtype
+    batch_size: int
+    shard_size: int
+    padding_side: PaddingSide
+
+    @property
+    def n_shards(self) -> int:
+        return (len(self.rendered) + self.shard_size - 1) // self.shard_size
+
+    def span(self, k: int) -> tuple[int, int]:
+        return k * self.shard_size, min((k + 1) * self.shard_size, len(self.rendered))
+
+    def shape(self, k: int) -> tuple[int, int, int]:
+        """Shard ``k``'s activations: ``[rows, n_layers, d_model]``."""
+        a, b = self.span(k)
+        return sum(len(p) for p in self.picks[a:b]), len(self.layers), self.model.d_model
+
+    def infos(self) -> list[dict]:
+        return [_transcript_info(i, r) for i, r in enumerate(self.rendered)]
+
+    def meta(self) -> dict:
+        return {
+            "model": self.model.name, "backend": self.model.backend, "d_model": self.model.d_model,
+            "n_layers": self.model.n_layers, "layers": list(self.layers), "site": self.site,
+            "hook_names": [hook_name(i, self.site) for i in self.layers], "selector": self.selector.name,
+            "dtype": str(self.dtype).removeprefix("torch."), "n_transcripts": len(self.rendered),
+            "shard_size": self.shard_size,
+        }
+
+    def compute(self, k: int, bar) -> torch.Tensor:
+        """Shard ``k``'s activations ``[rows, n_layers, d_model]`` in row order (transcripts in
+        order, each its picks), batched by length."""
+        a, b = self.span(k)
+        rendered, picks = self.rendered[a:b], self.picks[a:b]
+        order = sorted(range(len(rendered)), key=lambda i: len(rendered[i]))  # less padding per batch
+        per_transcript: list[torch.Tensor | None] = [None] * len(rendered)
+        for lo in range(0, len(order), self.batch_size):
+            idx = order[lo:lo + self.batch_size]
+            ids, mask, offsets = pad_batch([rendered[i] for i in idx], self.model.tokenizer.pad_token_id,
+                                           self.padding_side)
+            got = self.model.residual(ids, mask, self.layers, self.site,
+                                      gather=_gather_fn([picks[i] for i in idx], offsets))
+            block = torch.stack([got[layer] for layer in self.layers], dim=1).to(self.dtype).cpu()
+            row = 0
+            for i in idx:
+                per_transcript[i] = block[row:row + len(picks[i])]
+                row += len(picks[i])
+            bar.update(len(idx))
+        return torch.cat(per_transcript)
+
+    def assemble(self, k: int, acts: torch.Tensor, infos: tuple) -> Activations:
+        """Shard ``k`` as :class:`Activations`: ``acts`` with its rows' table (no model needed)."""
+        a, b = self.span(k)
+        rows: dict[str, list[int]] = {"transcript": [], "position": [], "n_positions": [], "kind": [],
+                                      "message": [], "turn": []}
+        selectors = []
+        for i in range(a, b):
+            r = self.rendered[i]
+            for pick in self.picks[i]:
+                p = pick.position
+                for key, value in (("transcript", i), ("position", p), ("n_positions", len(pick.positions)),
+                                   ("kind", r.kind[p]), ("message", r.message[p]), ("turn", r.turn[p])):
+                    rows[key].append(int(value))
+                selectors.append(pick.selector)
+        return Activations(acts=acts, layers=tuple(self.layers), site=self.site,
+                           rows={name: np.asarray(v, dtype=np.int64) for name, v in rows.items()},
+                           selectors=tuple(selectors), transcripts=infos)
+
+
+def _plan(model: Model, transcripts: Sequence[Transcript | RenderedTranscript], layers, site: Site, positions,
+          batch_size: int, shard_size: int, dtype, padding_side: PaddingSide, truncate: bool) -> _Plan:
+    """Check every argument and select every transcript's rows, before any work."""
+    check_choice(site, SITES, "site")
+    check_choice(padding_side, get_args(PaddingSide), "padding side")
+    dtype = storage_dtype(dtype)
+    layers = resolve_layers(model, layers)
+    model.check_layers(layers, site)
+    if batch_size < 1 or shard_size < 1:
+        raise ValueError(f"batch_size and shard_size must be positive (got {batch_size}, {shard_size})")
+    selector = parse(positions)
+    rendered = render_for(model, transcripts, truncate=truncate)
+    picks = [selector(r) for r in rendered]  # raises if a selector matches nothing, before any write
+    return _Plan(model, rendered, picks, layers, site, selector, dtype, batch_size, shard_size, padding_side)
 
 
 def cache_activations(
@@ -212,51 +272,58 @@ def cache_activations(
         truncate: keep the last ``n_ctx`` tokens of transcripts longer than the context
             (otherwise they raise).
 
+    Under ``torchrun`` / ``accelerate launch`` (a ``torch.distributed`` job, see
+    :mod:`interp.store.ranks` and docs/distributed.md) every rank calls this with the same
+    arguments; rank ``R`` of ``N`` computes shards ``k`` with ``k % N == R``. With ``store``, the
+    ranks write one store, byte for byte what one process writes; in memory, every rank returns
+    all the activations (each shard computed once, then broadcast). A failure on any rank raises
+    on every rank (:class:`~interp.store.ranks.RankError` on the others).
+
     Returns:
         :class:`Activations` with ``acts [rows, n_layers, d_model]``, or the
         :class:`ActivationStore` when ``store`` is given.
     """
-    check_choice(site, SITES, "site")
-    dtype = storage_dtype(dtype)
-    layers = resolve_layers(model, layers)
-    model.check_layers(layers, site)
-    if batch_size < 1 or shard_size < 1:
-        raise ValueError(f"batch_size and shard_size must be positive (got {batch_size}, {shard_size})")
-    selector = parse(positions)
-    rendered = render_for(model, transcripts, truncate=truncate)
-    picks = [selector(r) for r in rendered]  # raises if a selector matches nothing, before any write
-    infos = tuple(_transcript_info(i, r) for i, r in enumerate(rendered))
-
-    n = len(rendered)
-    chunks = [(lo, min(lo + shard_size, n)) for lo in range(0, n, shard_size)]
-    bar = tqdm(total=n, desc=f"caching {model.name}", unit="transcript", disable=not progress)
-    try:
-        if store is None:
-            parts = [_cache_chunk(model, rendered[a:b], picks[a:b], a, layers, site, batch_size, padding_side,
-                                  dtype, infos, bar) for a, b in chunks]
-            return replace(concat(parts), meta=_meta(model, layers, site, selector, dtype, n, shard_size))
-        with ActivationStore.writing(store, _meta(model, layers, site, selector, dtype, n, shard_size),
-                                     list(infos)) as st:
-            done = st.done()
-            for k, (a, b) in enumerate(chunks):
-                if k in done:
-                    bar.update(b - a)
-                    continue
-                part = _cache_chunk(model, rendered[a:b], picks[a:b], a, layers, site, batch_size, padding_side,
-                                    dtype, infos, bar)
-                st.write_shard(k, part, (a, b))
-        return ActivationStore.open(st.path, verify=False)
-    finally:
-        bar.close()
+    with ranks.joined() as job:
+        plan = ranks.agree(job, "checking its inputs", lambda: _plan(
+            model, transcripts, layers, site, positions, batch_size, shard_size, dtype, padding_side, truncate))
+        ranks.check_same(job, "runs (model, layers, site, selector, dtype, shards, batches, transcripts)",
+                         [plan.meta(), plan.infos(), plan.batch_size, plan.padding_side])
+        mine = [k for k in range(plan.n_shards) if job is None or job.owns(k)]
+        where = "" if job is None else f" (rank {job.rank} of {job.world})"
+        bar = tqdm(total=sum(b - a for a, b in map(plan.span, mine)), desc=f"caching {model.name}{where}",
+                   unit="transcript", disable=not progress or (job is not None and job.rank != 0))
+        try:
+            if store is None:
+                return _in_memory(plan, job, mine, bar)
+            if job is not None:
+                return ranks.write_store(job, store, plan.meta(), plan.infos(),
+                                         lambda st: _write_shards(plan, st, mine, bar))
+            with ActivationStore.writing(store, plan.meta(), plan.infos()) as st:
+                _write_shards(plan, st, mine, bar)
+            return ActivationStore.open(st.path, verify=False)
+        finally:
+            bar.close()
 
 
-def _meta(model: Model, layers, site, selector, dtype, n, shard_size) -> dict:
-    return {
-        "model": model.name, "backend": model.backend, "d_model": model.d_model, "n_layers": model.n_layers,
-        "layers": list(layers), "site": site, "hook_names": [hook_name(i, site) for i in layers],
-        "selector": selector.name, "dtype": str(dtype).removeprefix("torch."), "n_transcripts": n,
-        "shard_size": shard_size,
-    }
+def _write_shards(plan: _Plan, st: ActivationStore, shards: list[int], bar) -> None:
+    """Compute and write the shards of ``shards`` the store does not hold yet."""
+    done, infos = st.done(), tuple(plan.infos())
+    for k in shards:
+        if k in done:
+            bar.update(plan.span(k)[1] - plan.span(k)[0])
+            continue
+        st.write_shard(k, plan.assemble(k, plan.compute(k, bar), infos), plan.span(k))
+
+
+def _in_memory(plan: _Plan, job: ranks.Ranks | None, mine: list[int], bar) -> Activations:
+    """All shards in memory: computed here, or (in a job) each by its rank and broadcast."""
+    computed = ranks.agree(job, "while caching", lambda: {k: plan.compute(k, bar) for k in mine})
+    if job is not None:
+        computed = {k: ranks.share(job, k % job.world, computed.get(k), plan.shape(k), plan.dtype)
+                    for k in range(plan.n_shards)}
+    infos = tuple(plan.infos())
+    parts = [plan.assemble(k, computed[k], infos) for k in range(plan.n_shards)]
+    return replace(concat(parts), meta=plan.meta())
 
 
 # --------------------------------------------------------------------------------------------

@@ -79,7 +79,8 @@ def _attr_path(root: Any, path: str) -> Any:
     return root
 
 
-def _find_layers(hf_model: nn.Module) -> str:
+def find_layers(hf_model: nn.Module) -> str:
+    """Where the decoder layers of ``hf_model`` live (``"model.layers"``, ...)."""
     for path in _LAYER_PATHS:
         if isinstance(_try_path(hf_model, path), nn.ModuleList):
             return path
@@ -123,6 +124,7 @@ class Model:
     tokenizer: Any
     native: Any
     layers_path: str = field(repr=False, default="model.layers")
+    remote: bool | str = False  # nnsight traces on NDIF (True, or a host URL); see interp.served.load_remote
 
     @property
     def n_layers(self) -> int:
@@ -218,6 +220,8 @@ class Model:
 
     def _attach(self, i: int, site: Site, fn: HookFn) -> Callable[[], None]:
         """Attach ``fn`` at ``site`` of layer ``i``; returns the function that detaches it."""
+        if self.remote:
+            raise ValueError(f"{self.name} runs on NDIF: forward hooks need local weights (read with residual())")
         if self.backend == "bridge":
             point = _attr_path(self.native, hook_name(i, site))
             handle = point.add_hook(lambda x, hook: fn(x))
@@ -299,23 +303,20 @@ class Model:
         return out
 
     def _trace_residual(self, ids, mask, layers, site, gather) -> dict[int, torch.Tensor]:
-        """nnsight's own reading: saved values inside a trace (the path that can run remotely)."""
-        dev = self.device
-        ids, mask = ids.to(dev), mask.to(dev)
-        saved = {}
+        """nnsight's own reading: saved values inside a trace, which runs on NDIF when ``remote``."""
+        if self.device.type != "meta":  # a remote model's weights are not here: the server places the inputs
+            ids, mask = ids.to(self.device), mask.to(self.device)
         envoys = _attr_path(self.native, self.layers_path)
         mid = _mid_norm_name(self.layers[0])
         with self.native.trace(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                               use_cache=False) as tracer:
+                               use_cache=False, **({"remote": self.remote} if self.remote else {})) as tracer:
+            saved = {}
             for i in layers:  # nnsight needs values requested in execution order
                 env = envoys[i]
-                if site == "resid_pre":
-                    x = env.input
-                elif site == "resid_mid":
-                    x = getattr(env, mid).input
-                else:
-                    x = _first_tensor(env.output)
-                saved[i] = gather(x).save()
+                x = env.input if site == "resid_pre" else getattr(env, mid).input if site == "resid_mid" \
+                    else _first_tensor(env.output)
+                saved[i] = gather(x)
+            saved = saved.save()  # the dict itself: a remote server sends back saved variables only
             tracer.stop()
         return dict(saved)
 
@@ -479,7 +480,7 @@ def load_model(
     hf_model.eval()
     if tok.pad_token_id is None:  # padding is done by hand; any id works under the mask
         tok.pad_token = tok.eos_token
-    layers_path = _find_layers(hf_model)
+    layers_path = find_layers(hf_model)
     native: Any = hf_model
     if backend == "bridge":
         from transformer_lens.model_bridge import TransformerBridge  # heavy, and only this backend needs it

@@ -8,22 +8,20 @@ subclass it and implement :meth:`ChatGenerator.complete` for another backend.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import re
-import time
-import urllib.error
-import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from interp.models import check_weights
 from interp.ping.loop import Feedback, Request, prefix_key
+from interp.served import ServedError, head, post_json
 
 
 @dataclass(frozen=True)
@@ -179,9 +177,6 @@ class HFChatGenerator(ChatGenerator):
         return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-_RETRY_STATUS = {408, 429, 500, 502, 503, 504}
-
-
 class OpenAIChatGenerator(ChatGenerator):
     """Prefixes from an OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, llama.cpp...),
     stdlib only. ``base_url`` defaults to $OPENAI_BASE_URL, then the OpenAI API; ``api_key`` to
@@ -200,44 +195,22 @@ class OpenAIChatGenerator(ChatGenerator):
             raise ValueError(f"retries must be at least 0, got {retries}")
 
     def complete(self, messages: list[dict[str, str]], seed: int) -> str:
-        body = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature,
-                           "max_tokens": self.max_tokens, "seed": seed}).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        for attempt in range(self.retries + 1):
-            try:
-                request = urllib.request.Request(self.url, body, headers, method="POST")
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return _reply_content(self.url, response.read())
-            except urllib.error.HTTPError as e:
-                with e:
-                    problem = f"HTTP {e.code} {e.reason}; body starts {_head(e.read())}"
-                if e.code not in _RETRY_STATUS:
-                    raise GeneratorError(f"POST {self.url}: {problem}") from None
-            except (OSError, http.client.HTTPException) as e:  # URLError and timeouts are OSErrors
-                reason = getattr(e, "reason", e)
-                problem = (f"no reply within {self.timeout} s" if isinstance(reason, TimeoutError)
-                           else f"connection failed ({reason})")
-            if attempt < self.retries:
-                time.sleep(self.backoff * 2 ** attempt)
-        raise GeneratorError(f"POST {self.url}: {problem} (gave up after {self.retries + 1} attempts)")
+        body = {"model": self.model, "messages": messages, "temperature": self.temperature,
+                "max_tokens": self.max_tokens, "seed": seed}
+        try:
+            data = post_json(self.url, body, api_key=self.api_key, timeout=self.timeout, retries=self.retries,
+                             backoff=self.backoff)
+        except ServedError as e:
+            raise GeneratorError(str(e)) from None
+        return _reply_content(self.url, data)
 
 
-def _head(raw: bytes, n: int = 200) -> str:
-    return repr(raw[:n].decode("utf-8", errors="replace"))
-
-
-def _reply_content(url: str, raw: bytes) -> str:
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GeneratorError(f"POST {url}: reply is not JSON ({e}); it starts {_head(raw)}") from None
+def _reply_content(url: str, data: Any) -> str:
     try:
         content = data["choices"][0]["message"]["content"]
     except (KeyError, IndexError, TypeError):
         content = None
     if not isinstance(content, str):
         raise GeneratorError(f"POST {url}: reply JSON has no text at choices[0].message.content; "
-                             f"it starts {_head(raw)}")
+                             f"it starts {head(json.dumps(data).encode())}")
     return content

@@ -38,16 +38,20 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from interp.behavior import (EARLY_STOP_INEXACT, SCORING_MODES, Environment, Evaluation, ScoringMode, Transform,
-                             rates, run_episodes, score_first_step)
+                             rates, run_episodes, score_first_step, with_user_suffix)
 from interp.cache import copy_cache, pad_batch, run_on_cache, tail_inputs
 from interp.finetune import unwrap
-from interp.generation import Generation, Prefill, Until, decode, generate
+from interp.generation import Generation, Prefill, ReplySource, Until, decode, generate
 from interp.models import check_choice
 from interp.ping.loop import Evaluation as PrefixEvaluation
 from interp.transcripts import Transcript, render
 
 Keep = Literal["device", "cpu", "recompute"]
 KEEP: tuple[str, ...] = get_args(Keep)
+Placement = Literal["prefill", "suffix"]
+PLACEMENTS: tuple[str, ...] = get_args(Placement)
+SUFFIX_FALLBACK = "suffix (fallback: endpoint cannot prefill)"
+"""The ``prefix_placement`` of every record scored with ``placement="suffix"``."""
 
 
 @dataclass(frozen=True)
@@ -240,29 +244,45 @@ class Scorer:
     default in first-step mode; episodes need whole replies) ends each reply once the score's
     judgement of it is settled: the two rates of the score are exact, attack success and benign
     over-refusal are judged on the cut replies (the evaluation's ``inexact``).
+
+    ``contexts`` may instead be any :class:`interp.generation.ReplySource`, e.g. an agent behind a
+    server (:class:`interp.served.ServedAgent`; ``model`` None then, the server holds it), whose
+    replies are whole (``early_stop`` defaults to off). ``placement="suffix"`` is the paper's
+    fallback where the reply cannot be prefilled: the prefix text is appended to the user's request
+    instead, and every record says so (``prefix_placement``: :data:`SUFFIX_FALLBACK`).
     """
 
     def __init__(self, model: Any, env: Environment, transcripts: Sequence[Transcript], *,
                  mode: ScoringMode = "first_step", batch_size: int = 64, max_new_tokens: int | None = None,
-                 transform: Transform | None = None, split: str = "validation", contexts: Keep | None = "device",
-                 early_stop: bool | None = None):
+                 transform: Transform | None = None, split: str = "validation",
+                 contexts: Keep | ReplySource | None = "device", early_stop: bool | None = None,
+                 placement: Placement = "prefill"):
         check_choice(mode, SCORING_MODES, "scoring mode")
-        if contexts is not None:
+        check_choice(placement, PLACEMENTS, "prefix placement")
+        source = None if contexts is None or isinstance(contexts, str) else contexts
+        if contexts is not None and source is None:
             check_choice(contexts, KEEP, "context keeping policy")
+        if model is None and source is None:
+            raise ValueError("model is None: pass a model handle, or as contexts a reply source that holds the "
+                             "model (interp.served.ServedAgent)")
         if early_stop and mode == "episode":
             raise ValueError("early_stop applies to first-step scoring only (an episode needs whole replies)")
         if len(transcripts) == 0:
             raise ValueError("a scorer needs at least one task (the transcript list is empty)")
         self.model, self.env, self.mode, self.batch_size = model, env, mode, batch_size
         self.transform, self.split, self.max_new_tokens = transform, split, max_new_tokens
-        self.keep, self.early_stop = contexts, mode == "first_step" if early_stop is None else early_stop
+        self.keep = None if source is not None else contexts
+        self.early_stop = (mode == "first_step" and getattr(source, "stops_early", True)) if early_stop is None \
+            else early_stop
+        self.placement = placement
         self.transcripts = [t.with_prefix(None) for t in transcripts]
         self.calls = 0
-        self._contexts: ContextCache | None = None
+        self._contexts: ContextCache | ReplySource | None = source
 
     @property
-    def contexts(self) -> ContextCache | None:
-        """The tasks' contexts (run at the first score), or None when the scorer keeps none."""
+    def contexts(self) -> ContextCache | ReplySource | None:
+        """The tasks' contexts (run at the first score) or the reply source given, or None when the
+        scorer keeps none."""
         if self.keep is not None and self._contexts is None:
             starts = [self.transform(t) if self.transform else t for t in self.transcripts]
             self._contexts = ContextCache(self.model, starts, batch_size=self.batch_size, keep=self.keep)
@@ -276,11 +296,15 @@ class Scorer:
             kw["max_new_tokens"] = self.max_new_tokens
         if self.mode == "first_step":
             kw["early_stop"] = self.early_stop
-        flat = [t.with_prefix(p or None) for p in prefixes for t in self.transcripts]
+        transform, flat = self.transform, [t.with_prefix(p or None) for p in prefixes for t in self.transcripts]
+        if self.placement == "suffix":
+            starts = [transform(t) if transform else t for t in self.transcripts]
+            transform, flat = None, [with_user_suffix(p)(t) if p else t for p in prefixes for t in starts]
         fn = score_first_step if self.mode == "first_step" else run_episodes
-        outcomes = fn(self.model, self.env, flat, transform=self.transform, **kw)
+        outcomes = fn(self.model, self.env, flat, transform=transform, **kw)
         n, inexact = len(self.transcripts), EARLY_STOP_INEXACT if self.early_stop else ()
-        return [Evaluation(rates(outcomes[i:i + n]), tuple(outcomes[i:i + n]), inexact)
+        placed = SUFFIX_FALLBACK if self.placement == "suffix" else None
+        return [Evaluation(rates(outcomes[i:i + n]), tuple(outcomes[i:i + n]), inexact, placed)
                 for i in range(0, len(outcomes), n)]
 
     def evaluate(self, prefix: str | None) -> Evaluation:
@@ -293,7 +317,8 @@ class Scorer:
         return [PrefixEvaluation(ev.rates["benign_success"].value, ev.rates["harmful_refusal"].value,
                                  {"n_harmful": sum(o.harmful for o in ev.outcomes),
                                   "n_benign": sum(not o.harmful for o in ev.outcomes), "mode": self.mode,
-                                  "split": self.split})
+                                  "split": self.split,
+                                  **({"prefix_placement": ev.prefix_placement} if ev.prefix_placement else {})})
                 for ev in self.evaluate_many(prefixes)]
 
     def __call__(self, prefix: str | None) -> PrefixEvaluation:

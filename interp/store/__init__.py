@@ -16,6 +16,9 @@ An activation store is a directory::
 - **Validated.** :meth:`ActivationStore.open` checks the three files against a schema and every
   shard against the manifest and its own header (:mod:`.schema`), reporting the first problem in
   one line.
+- **One store from several processes.** Under ``torchrun`` / ``accelerate launch`` the ranks of
+  the job each write their own shards into one store, which ends byte for byte as one process
+  writes it (:mod:`.ranks`; docs/distributed.md).
 - **Never touches what is not its own.** A writer refuses a folder that is neither empty nor a
   store, a store of another run, and a store another process is writing (:mod:`.lock`), before
   changing anything; the only files it ever deletes are its own temporary files.
@@ -24,7 +27,8 @@ An activation store is a directory::
 from interp.store.activations import ROW_COLUMNS, Activations, concat
 from interp.store.disk import ActivationStore
 from interp.store.lock import LOCK_NAME, WriterLock
+from interp.store.ranks import RankError
 from interp.store.schema import FLOAT_DTYPES, FORMAT, READ_ONLY_FORMATS, StoreError
 
 __all__ = ["FLOAT_DTYPES", "FORMAT", "LOCK_NAME", "READ_ONLY_FORMATS", "ROW_COLUMNS", "ActivationStore", "Activations",
-           "StoreError", "WriterLock", "concat"]
+           "RankError", "StoreError", "WriterLock", "concat"]

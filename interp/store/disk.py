@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from interp.atomic import TMP_SUFFIX, atomic_path, save_json, write_lines
 from interp.positions import parse
 from interp.store.activations import ROW_COLUMNS, Activations
-from interp.store.lock import LOCK_NAME, WriterLock
+from interp.store.lock import LOCK_NAME, RANK_LOCK, WriterLock, rank_lock_name
 from interp.store.schema import (
     FORMAT,
     READ_ONLY_FORMATS,
@@ -35,10 +35,18 @@ from interp.store.schema import (
     shard_name,
 )
 
-_TEMPORARY = re.compile(r"\.(?:meta\.json|manifest\.json|transcripts\.jsonl|\d{5}\.safetensors)\.\d+\.[0-9a-f]{8}"
-                        + re.escape(TMP_SUFFIX))
+_TEMPORARY = re.compile(r"\.(?:meta\.json|manifest\.json|manifest\.rank\d+\.json|transcripts\.jsonl|\d{5}\.safetensors)"
+                        r"\.\d+\.[0-9a-f]{8}" + re.escape(TMP_SUFFIX))
 """Temporary names :mod:`interp.atomic` gives the store's own files: the only leftovers a writer
 deletes (those of a killed writer; it holds the lock, so no live writer owns them)."""
+_PART = re.compile(r"manifest\.rank(\d+)\.json")
+"""A manifest part: the shards one rank of a distributed job wrote (:func:`part_name`)."""
+
+
+def part_name(rank: int) -> str:
+    """The manifest part rank ``rank`` of a distributed job records its shards in, until rank 0
+    merges it into ``manifest.json``."""
+    return f"manifest.rank{rank}.json"
 
 
 def _sha256(path: Path) -> str:
@@ -73,6 +81,32 @@ def _read_transcripts(path: Path, meta: dict) -> list[dict]:
         raise StoreError(f"store {path}: {name} is corrupt ({e})") from None
     check_transcripts(records, meta, f"store {path}: {name}")
     return records
+
+
+def _read_parts(path: Path, meta: dict) -> list[tuple[Path, list[dict]]]:
+    """The manifest parts in ``path`` with their entries; a part that does not pass the schema
+    is reported and contributes nothing (its shards are computed again)."""
+    out = []
+    for f in sorted(path.glob("manifest.rank*.json")):
+        if not _PART.fullmatch(f.name) or f.is_symlink() or not f.is_file():
+            continue
+        try:
+            part = _read_json(path, f.name)
+            check_manifest(part, meta, f"store {path}: {f.name}")
+        except StoreError as e:
+            warnings.warn(f"{e}; computing its shards again", stacklevel=3)
+            part = {"shards": []}
+        out.append((f, part["shards"]))
+    return out
+
+
+def _fold(entries: list[dict], parts: list[tuple[Path, list[dict]]]) -> list[dict]:
+    """Manifest entries with the parts' entries added (a part's entry replaces one for the same
+    shard), sorted by shard index."""
+    by_index = {e["index"]: e for e in entries}
+    for _, more in parts:
+        by_index.update((e["index"], e) for e in more)
+    return [by_index[k] for k in sorted(by_index)]
 
 
 def _make_dirs(path: Path) -> list[Path]:
@@ -112,6 +146,8 @@ class ActivationStore:
         self.manifest = manifest
         self.transcripts = transcripts
         self._lock: WriterLock | None = None
+        self._part: Path | None = None  # where a rank of a distributed job records its shards
+        self._written: list[dict] = []  # the entries this rank wrote
 
     def __repr__(self) -> str:
         state = "complete" if self.complete else f"{len(self.manifest['shards'])}/{self.n_shards} shards"
@@ -279,9 +315,14 @@ class ActivationStore:
 
     @classmethod
     def _resume(cls, path: Path, meta: dict, transcripts: list[dict]) -> ActivationStore:
-        """Reopen a store of this run under the lock: sweep a killed writer's temporaries, verify
-        every listed shard, and drop the missing or corrupt ones (they are computed again)."""
+        """Reopen a store of this run under the lock: take over the rank locks of a killed
+        distributed job (refusing one a live process holds), sweep a killed writer's temporaries,
+        fold in the manifest parts a killed job's ranks left, verify every listed shard, and drop
+        the missing or corrupt ones (they are computed again)."""
         cls._check_claim(path, meta)  # again, now that no other writer can change it
+        for f in sorted(path.glob(".writer-rank*.lock")):
+            if RANK_LOCK.fullmatch(f.name) and f.is_file() and not f.is_symlink():
+                WriterLock(path, f.name).acquire().release()  # raises if a live rank holds it
         for folder in (path, path / "shards"):
             for tmp in folder.glob(f".*{TMP_SUFFIX}") if folder.is_dir() else ():
                 if _TEMPORARY.fullmatch(tmp.name) and tmp.is_file() and not tmp.is_symlink():
@@ -297,16 +338,66 @@ class ActivationStore:
             manifest = _read_json(path, "manifest.json")
             check_manifest(manifest, meta, f"store {path}: manifest.json")
         (path / "shards").mkdir(exist_ok=True)
+        parts = _read_parts(path, meta)
         store = cls(path, meta, manifest, transcripts)
         kept = []
-        for entry in manifest["shards"]:
+        for entry in _fold(manifest["shards"], parts):
             problem = store._shard_problem(entry, verify=True)
             if problem:
                 warnings.warn(f"store {path}: {problem}; computing it again", stacklevel=2)
             else:
                 kept.append(entry)
-        store.manifest = {"shards": sorted(kept, key=lambda e: e["index"])}
+        store.manifest = {"shards": kept}
+        if store.manifest != manifest:  # what every rank of a job reads as done
+            save_json(store.manifest, path / "manifest.json", indent=1, sort_keys=True)
+        for f, _ in parts:
+            f.unlink()
         return store
+
+    @classmethod
+    @contextmanager
+    def writing_rank(cls, path: str | Path, meta: dict, transcripts: list[dict], rank: int
+                     ) -> Iterator[ActivationStore]:
+        """Hold the store at ``path`` as rank ``rank`` of a distributed job whose rank 0 holds it
+        through :meth:`writing` (which made or resumed it): the rank's own lock
+        (``.writer-rank{R}.lock``) until the block ends, the finished shards as ``manifest.json``
+        lists them, and the shards this rank writes recorded in its own manifest part
+        (``manifest.rank{R}.json``) for rank 0 to merge (:meth:`merge_parts`)."""
+        path = Path(path)
+        meta = {"format": FORMAT, **meta}
+        lock = WriterLock(path, rank_lock_name(rank)).acquire()
+        try:
+            cls._check_claim(path, meta)  # this rank's run is the run rank 0 claimed the store for
+            if _read_transcripts(path, meta) != transcripts:
+                raise StoreError(f"store {path} was made from other transcripts than rank {rank} was given")
+            manifest = _read_json(path, "manifest.json")
+            check_manifest(manifest, meta, f"store {path}: manifest.json")
+            store = cls(path, meta, manifest, transcripts)
+            store._lock, store._part = lock, path / part_name(rank)
+            yield store
+        finally:
+            lock.release()
+
+    def merge_parts(self) -> None:
+        """Fold the manifest parts the ranks of a job wrote into ``manifest.json`` (one atomic
+        write), then delete them. Only by the holder of the store (:meth:`writing`), once every
+        rank has stopped writing; a part's shard that does not match its entry is dropped with a
+        warning (computed again on resuming)."""
+        self._check_held()
+        parts = _read_parts(self.path, self.meta)
+        if not parts:
+            return
+        kept = []
+        for entry in _fold(self.manifest["shards"], parts):
+            problem = self._shard_problem(entry, verify=False)
+            if problem:
+                warnings.warn(f"store {self.path}: {problem}; it will be computed again", stacklevel=2)
+            else:
+                kept.append(entry)
+        self.manifest = {"shards": kept}
+        save_json(self.manifest, self.path / "manifest.json", indent=1, sort_keys=True)
+        for f, _ in parts:
+            f.unlink()
 
     def done(self) -> set[int]:
         """Indices of finished shards."""
@@ -315,8 +406,7 @@ class ActivationStore:
     def write_shard(self, index: int, part: Activations, transcript_range: tuple[int, int]) -> None:
         """Write one shard atomically, then record it in the manifest (only inside
         :meth:`writing`, which holds the writer lock)."""
-        if self._lock is None or not self._lock.held:
-            raise StoreError(f"store {self.path} is not held for writing; write through ActivationStore.writing()")
+        self._check_held()
         name = shard_name(index)
         tensors = {"activations": part.acts.contiguous()}
         for k in ROW_COLUMNS:
@@ -328,4 +418,13 @@ class ActivationStore:
                  "bytes": final.stat().st_size, "sha256": _sha256(final)}
         shards = [e for e in self.manifest["shards"] if e["index"] != index] + [entry]
         self.manifest = {"shards": sorted(shards, key=lambda e: e["index"])}
-        save_json(self.manifest, self.path / "manifest.json", indent=1, sort_keys=True)
+        if self._part is None:
+            save_json(self.manifest, self.path / "manifest.json", indent=1, sort_keys=True)
+        else:
+            mine = [e for e in self._written if e["index"] != index] + [entry]
+            self._written = sorted(mine, key=lambda e: e["index"])
+            save_json({"shards": self._written}, self._part, indent=1, sort_keys=True)
+
+    def _check_held(self) -> None:
+        if self._lock is None or not self._lock.held:
+            raise StoreError(f"store {self.path} is not held for writing; write through ActivationStore.writing()")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Any, Self
@@ -24,6 +25,13 @@ from typing import Any, Self
 from interp.store.schema import StoreError
 
 LOCK_NAME = ".writer.lock"
+RANK_LOCK = re.compile(r"\.writer-rank(\d+)\.lock")
+"""The lock file of one rank of a distributed job (:func:`rank_lock_name`)."""
+
+
+def rank_lock_name(rank: int) -> str:
+    """The lock file rank ``rank`` of a distributed job holds while it writes its shards."""
+    return f".writer-rank{rank}.lock"
 
 
 def holder(path: Path) -> dict[str, Any] | None:
