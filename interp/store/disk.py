@@ -202,6 +202,18 @@ class ActivationStore:
             return f"shard {name} is corrupt (unreadable header: {e})"
         return None
 
+    def _sound(self, entries: list[dict], verify: bool, then: str) -> list[dict]:
+        """The manifest entries whose shard is sound; a warning names each other one and ``then``
+        (what happens to it)."""
+        kept = []
+        for entry in entries:
+            problem = self._shard_problem(entry, verify)
+            if problem:
+                warnings.warn(f"store {self.path}: {problem}; {then}", stacklevel=3)
+            else:
+                kept.append(entry)
+        return kept
+
     @property
     def n_shards(self) -> int:
         return n_shards(self.meta)
@@ -340,14 +352,7 @@ class ActivationStore:
         (path / "shards").mkdir(exist_ok=True)
         parts = _read_parts(path, meta)
         store = cls(path, meta, manifest, transcripts)
-        kept = []
-        for entry in _fold(manifest["shards"], parts):
-            problem = store._shard_problem(entry, verify=True)
-            if problem:
-                warnings.warn(f"store {path}: {problem}; computing it again", stacklevel=2)
-            else:
-                kept.append(entry)
-        store.manifest = {"shards": kept}
+        store.manifest = {"shards": store._sound(_fold(manifest["shards"], parts), True, "computing it again")}
         if store.manifest != manifest:  # what every rank of a job reads as done
             save_json(store.manifest, path / "manifest.json", indent=1, sort_keys=True)
         for f, _ in parts:
@@ -387,14 +392,8 @@ class ActivationStore:
         parts = _read_parts(self.path, self.meta)
         if not parts:
             return
-        kept = []
-        for entry in _fold(self.manifest["shards"], parts):
-            problem = self._shard_problem(entry, verify=False)
-            if problem:
-                warnings.warn(f"store {self.path}: {problem}; it will be computed again", stacklevel=2)
-            else:
-                kept.append(entry)
-        self.manifest = {"shards": kept}
+        self.manifest = {"shards": self._sound(_fold(self.manifest["shards"], parts), False,
+                                               "it will be computed again")}
         save_json(self.manifest, self.path / "manifest.json", indent=1, sort_keys=True)
         for f, _ in parts:
             f.unlink()
