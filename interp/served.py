@@ -217,7 +217,7 @@ class ServedAgent:
         return out
 
     def _chat(self, transcripts: Sequence[Transcript], max_new_tokens: int, progress: bool) -> list[Generation]:
-        def one(t: Transcript) -> Generation:
+        def one(t: Transcript, want: list[int]) -> Generation:
             reply = self._post(self._chat_body(t, max_new_tokens))
             choice = reply["choices"][0] if reply["choices"] else None
             message = choice.get("message") if isinstance(choice, dict) else None
@@ -226,7 +226,6 @@ class ServedAgent:
                 raise ServedError(f"POST {self.url}: reply JSON has no text at choices[0].message.content (serve "
                                   "without a tool-call or reasoning parser, so replies stay text); it starts "
                                   f"{head(json.dumps(reply).encode())}")
-            want = self._chat_prompt_ids(t)
             ran = reply.get("prompt_token_ids")
             usage = reply.get("usage") if isinstance(reply.get("usage"), dict) else {}
             if ran is not None:
@@ -238,12 +237,13 @@ class ServedAgent:
                                    "whether the endpoint continued the forced prefix cannot be checked")
             return self._generation(t, text, choice)
 
-        first = [] if self._prefill_checked else [one(transcripts[0])]  # one request alone probes the endpoint
+        wants = [self._chat_prompt_ids(t) for t in transcripts]  # here: a tokenizer is not for several threads
+        first = [] if self._prefill_checked else [one(transcripts[0], wants[0])]  # one request alone probes
         self._prefill_checked = True
-        rest = transcripts[len(first):]
-        with ThreadPoolExecutor(max_workers=max(1, min(self.batch_size, len(rest)))) as pool:
-            return first + list(tqdm(pool.map(one, rest), total=len(rest), desc="served replies",
-                                     disable=not progress, leave=False))
+        n = len(first)
+        with ThreadPoolExecutor(max_workers=max(1, min(self.batch_size, len(transcripts) - n))) as pool:
+            return first + list(tqdm(pool.map(one, transcripts[n:], wants[n:]), total=len(transcripts) - n,
+                                     desc="served replies", disable=not progress, leave=False))
 
     def _chat_body(self, t: Transcript, max_new_tokens: int) -> dict[str, Any]:
         body = {**self._sampling(max_new_tokens), "messages": [m.to_dict(json_arguments=True) for m in t.messages]}

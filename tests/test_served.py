@@ -139,6 +139,7 @@ class QuietServer(ThreadingHTTPServer):
     """Joins its handler threads on close (each is bounded); a client that gave up is no error."""
 
     daemon_threads, block_on_close = False, True
+    request_queue_size = 128  # the agent's concurrent chat requests arrive at once
 
     def handle_error(self, request, client_address):
         pass
@@ -148,13 +149,15 @@ class QuietServer(ThreadingHTTPServer):
 def server(organism):
     """The stand-in on a free loopback port, stopped after the test."""
     fake = FakeVLLM(organism)
+    lock = threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
         timeout = 5
 
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            code, reply = fake.answer(self.path, body)
+            with lock:  # one request at a time through the model and tokenizer, as an engine's queue
+                code, reply = fake.answer(self.path, body)
             data = json.dumps(reply).encode()
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
