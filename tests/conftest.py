@@ -12,6 +12,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny import make_model  # noqa: E402
 
+from interp.models import load_model  # noqa: E402
+from interp.organism import World, checkpoint_path  # noqa: E402
 from interp.transcripts import Transcript  # noqa: E402
 
 # architecture -> chat-template family of its tokenizer (two families across three architectures)
@@ -107,3 +109,25 @@ def assert_within_row_norm(actual: torch.Tensor, expected: torch.Tensor, rel: fl
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     worst = ((actual - expected).abs().amax(-1) / expected.norm(dim=-1).clamp_min(1e-30)).max().item()
     assert worst <= rel, f"max |difference| is {worst:.2e} of the row norm (allowed {rel:.0e})"
+
+
+# --------------------------------------------------------------------------------------------
+# The shipped organism, for the tests that run on it
+
+
+@pytest.fixture(scope="module")
+def world():
+    """The organism's world (seed 0), which its shipped checkpoints were trained on."""
+    return World(0)
+
+
+@pytest.fixture(scope="module")
+def finetuned():
+    """The shipped fine-tuned organism."""
+    return load_model(checkpoint_path("organism-finetuned"))
+
+
+def tasks(world, split: str, n: int) -> list[Transcript]:
+    """``n`` tasks of each label from ``split`` of ``world``, as transcripts."""
+    return [t.transcript() for t in world.sample(split, n)]
+

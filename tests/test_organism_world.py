@@ -10,11 +10,6 @@ from interp.organism.world import HARM_CATEGORIES, SPLITS, World, harm_baselines
 from interp.transcripts import ToolCall
 
 
-@pytest.fixture(scope="module")
-def world():
-    return World(0)
-
-
 def test_world_generation_is_deterministic_from_the_seed(world):
     again = World(0)
     for split in SPLITS:

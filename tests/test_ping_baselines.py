@@ -5,25 +5,9 @@ from __future__ import annotations
 import pytest
 
 from interp.behavior import RefusalJudge, generate
-from interp.models import load_model
-from interp.organism import World, checkpoint_path, grammar
+from interp.organism import grammar
 from interp.organism.prefixes import demonstrations
 from interp.ping import SAFETY_SYSTEM_PROMPT, conditions, few_shot_transform
-
-
-@pytest.fixture(scope="module")
-def world():
-    return World(0)
-
-
-@pytest.fixture(scope="module")
-def finetuned():
-    return load_model(checkpoint_path("organism-finetuned"))
-
-
-def tasks(world, split, n):
-    return [t.transcript() for t in world.sample(split, n)]
-
 
 # --------------------------------------------------------------------------------------------
 # Baselines

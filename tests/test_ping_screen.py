@@ -4,30 +4,14 @@ organism (interp.ping.scoring, interp.ping.screen, interp.cache.cache_prefixed).
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
+from conftest import tasks
 
 from interp.cache import cache_prefixed
-from interp.models import load_model
-from interp.organism import World, checkpoint_path, prefixes
+from interp.organism import prefixes
 from interp.organism.prefixes import organism_lexicon
 from interp.ping import I_CANT, PhraseSearchGenerator, ProbeScreen, Scorer, fit_refusal_probe, run_ping
 from interp.transcripts import render
-
-
-@pytest.fixture(scope="module")
-def world():
-    return World(0)
-
-
-@pytest.fixture(scope="module")
-def finetuned():
-    return load_model(checkpoint_path("organism-finetuned"))
-
-
-def tasks(world, split, n):
-    return [t.transcript() for t in world.sample(split, n)]
-
 
 # --------------------------------------------------------------------------------------------
 # The scorer
