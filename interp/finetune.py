@@ -229,21 +229,25 @@ class FinetuneResult:
     seconds: float
 
 
-def _batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, window: int = 50) -> Iterator[np.ndarray]:
-    """Endless batches of indices: each epoch a random order, in windows of ``window``
-    batches sorted by length so a batch pads little, the batches shuffled."""
+def epoch_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, window: int = 50) -> list[np.ndarray]:
+    """One epoch of index batches: a random order, in windows of ``window`` batches sorted by
+    length so a batch pads little, the batches shuffled; only full batches (all of them when
+    there are fewer examples than ``batch_size``)."""
     n = len(lengths)
+    order = rng.permutation(n)
+    chunk = window * batch_size
+    batches = []
+    for s in range(0, n, chunk):
+        part = order[s:s + chunk]
+        part = part[np.argsort(lengths[part], kind="stable")]
+        batches += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+    return [batches[j] for j in rng.permutation(len(batches)) if len(batches[j]) == batch_size or n < batch_size]
+
+
+def _batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, window: int = 50) -> Iterator[np.ndarray]:
+    """Endless :func:`epoch_batches`."""
     while True:
-        order = rng.permutation(n)
-        chunk = window * batch_size
-        batches = []
-        for s in range(0, n, chunk):
-            part = order[s:s + chunk]
-            part = part[np.argsort(lengths[part], kind="stable")]
-            batches += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
-        for j in rng.permutation(len(batches)):
-            if len(batches[j]) == batch_size or n < batch_size:
-                yield batches[j]
+        yield from epoch_batches(lengths, batch_size, rng, window)
 
 
 def finetune(

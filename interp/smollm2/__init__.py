@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from interp.models import Builtin, register_builtin
+from interp.ping.subject import register_subject
 from interp.smollm2.checkpoint import (CACHE_ENV, GGUF_SHA256, SETUP_COMMAND, CacheError, ChecksumError, SetupError,
                                        cache_dir, checkpoint_dir, setup)
 from interp.smollm2.template import CHAT_TEMPLATE
@@ -67,7 +68,19 @@ def _register() -> None:
                                  description=f"SmolLM2-135M-Instruct with the {variant.folder} LoRA adapter"))
 
 
+def _subject(**options):
+    from interp.smollm2.prefixes import subject
+    return subject(**options)
+
+
+def _chat_subject(**options):
+    from interp.smollm2.prefixes import subject
+    return subject(generator="chat", **options)
+
+
 _register()
+register_subject("smollm2", _subject)
+register_subject("smollm2-chat", _chat_subject)
 
 __all__ = ["ADAPTERS", "ADAPTER_DIR", "CACHE_ENV", "CHAT_TEMPLATE", "GGUF_SHA256", "SETUP_COMMAND", "CacheError",
            "ChecksumError", "SetupError", "Variant", "adapter_path", "cache_dir", "checkpoint_dir", "setup"]
