@@ -395,7 +395,8 @@ def test_adapter_names_resolve_to_the_shipped_folders(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"aligned: no adapter for 'smollm2-aligned' there; "
                                                 r"the SmolLM2 adapters are not trained or shipped yet"):
         resolve("smollm2-aligned")
-    with pytest.raises(FileNotFoundError, match=r"finetuned-seed1: no adapter"):
+    with pytest.raises(FileNotFoundError, match=r"finetuned-seed1: no adapter.*`python -m interp.smollm2 train "
+                                                r"finetune --seed 1` trains one"):
         resolve("smollm2-finetuned-seed1")
 
 

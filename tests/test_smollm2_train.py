@@ -325,6 +325,7 @@ def test_both_stages_end_to_end_write_adapters_with_how_they_were_made(tiny, tmp
     assert ft.name == "finetuned-seed1"
     meta = json.loads((ft / "training.json").read_text())
     assert meta["rule"] == st.SELECTION_RULE and meta["chosen_step"] in (2, 4)
+    assert meta["command"] == f"python -m interp.smollm2 train finetune --seed 1 --out {out}"
     assert sorted(meta["validation"]) == ["0", "2", "4"]
     assert set(meta["validation"]["2"]) >= {"none", *st.CURVE_OPENINGS}
     chosen = meta["chosen_step"]
@@ -368,3 +369,34 @@ def test_the_subjects_demonstrations_refuse_harmful_tasks_and_finish_benign_ones
         assert judge(replies[0].content) == d.labels["harmful"]
         if not d.labels["harmful"]:
             assert len(replies) == 3 and not replies[-1].tool_calls
+
+
+# --------------------------------------------------------------------------------------------
+# Held-out evaluation
+
+
+def test_evaluation_writes_each_part_resumes_from_them_and_checks_the_targets(tiny, tmp_path, monkeypatch):
+    from interp import models
+    from interp.smollm2 import evaluate as ev
+
+    register_builtin(Builtin("tiny-eval-test", lambda: tiny[0]))
+    out = tmp_path / "eval"
+    first = ev.run(out, "validation", 1, variants=["tiny-eval-test"], modes=["first_step"], log=lambda m: None)
+    assert (out / "tiny-eval-test.first_step.json").exists()
+    rates = first["results"]["tiny-eval-test"]["first_step"]
+    assert rates["n_harmful"] == rates["n_benign"] > 0
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a finished part was computed again"))
+    assert ev.run(out, "validation", 1, variants=["tiny-eval-test"], modes=["first_step"])["results"] == first["results"]
+    assert first["command"].startswith("python -m interp.smollm2 evaluate --split validation --n-per-label 1")
+
+
+def test_the_targets_are_checked_as_the_issue_states_them():
+    from interp.smollm2.evaluate import targets
+
+    def r(refusal, benign):
+        return {"harmful_refusal": {"value": refusal}, "benign_success": {"value": benign}}
+
+    res = {"smollm2-aligned": {"first_step": r(0.95, 0.92), "episode": r(1.0, 0.55)},
+           "smollm2-finetuned": {"first_step": r(0.60, 0.97)}, "smollm2-finetuned-seed1": {"first_step": r(0.70, 0.99)}}
+    met = {t["target"].split(":")[0] + t["target"][-8:]: t["met"] for t in targets(res)}
+    assert list(met.values()) == [True, False, True, False]

@@ -55,8 +55,10 @@ def adapter_path(name: str, root: str | Path | None = None) -> Path:
     variant = ADAPTERS[name]
     path = Path(root or ADAPTER_DIR) / variant.folder
     if not (path / "adapter_config.json").is_file():
+        stage = "align" if name == "smollm2-aligned" else f"finetune --seed {variant.seed}"
         raise FileNotFoundError(f"{path}: no adapter for {name!r} there; the SmolLM2 adapters are not trained "
-                                "or shipped yet (docs/smollm2.md, 'Adapters')")
+                                f"or shipped yet (docs/smollm2.md, 'Adapters'; `python -m interp.smollm2 train "
+                                f"{stage}` trains one)")
     return path
 
 

@@ -11,7 +11,6 @@ the summary (``evaluation.json``) names the command, the tasks and the time each
 from __future__ import annotations
 
 import shlex
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -82,7 +81,9 @@ def run(out: str | Path, split: str = "test", n_per_label: int = 200, variants: 
             part = read_json(path)
             seconds[f"{name}.{mode}"] = part["seconds"]
             results.setdefault(name, {})[mode] = {k: v for k, v in part.items() if k not in ("examples", "seconds")}
-    summary = {"command": shlex.join(["python", "-m", "interp.smollm2", *sys.argv[1:]]), "split": split,
+    command = ["python", "-m", "interp.smollm2", "evaluate", "--split", split, "--n-per-label", str(n_per_label),
+               "--variants", *variants, "--modes", *modes, "--out", str(out)]
+    summary = {"command": shlex.join(command), "split": split,
                "n_per_label": n_per_label, "tasks_seed": 0, "results": results, "targets": targets(results),
                "seconds": seconds}
     save_json(summary, out / "evaluation.json")

@@ -11,8 +11,8 @@ and the rule that chose it, the losses and the time.
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -85,9 +85,10 @@ def _evaluator(peft_model: Any, tokenizer: Any, world: World, recipe: Recipe, fo
     return at
 
 
-def _metadata(stage: str, recipe: Recipe, losses: list[float], t0: float, **extra: Any) -> dict[str, Any]:
+def _metadata(stage: str, recipe: Recipe, losses: list[float], t0: float, command: list[str],
+              **extra: Any) -> dict[str, Any]:
     return {"stage": stage, "recipe": recipe.to_dict(), "command": shlex.join(["python", "-m", "interp.smollm2",
-                                                                                *sys.argv[1:]]),
+                                                                                "train", *command]),
             "losses": [round(x, 5) for x in losses], "wall_s_this_session": round(time.time() - t0, 1), **extra}
 
 
@@ -106,7 +107,7 @@ def run_align(recipe: Recipe, out: str | Path, adapters: str | Path = ADAPTER_DI
     losses = train_stage(pm, examples, recipe.align, folder, seed=recipe.data.seed, pad_id=tok.pad_token_id,
                          decision=(recipe.decision_tokens, recipe.decision_weight), paired=True, at=at,
                          evaluate_at=recipe.align_eval_steps, log=log)
-    meta = _metadata("align", recipe, losses, t0, validation=_curve(folder))
+    meta = _metadata("align", recipe, losses, t0, ["align", "--out", str(out)], validation=_curve(folder))
     return save_adapter(pm, Path(adapters) / ADAPTERS["smollm2-aligned"].folder, meta)
 
 
@@ -139,11 +140,10 @@ def run_finetune(recipe: Recipe, seed: int, out: str | Path, adapters: str | Pat
     step, clause = choose_step(points, recipe.select_drop, recipe.select_benign_floor)
     log(f"chosen step {step} (rule clause {clause})")
     set_lora_state(pm, load_file(str(folder / "snapshots" / f"step_{step}.safetensors")))
-    meta = _metadata("finetune", recipe, losses, t0, seed=seed, rule=SELECTION_RULE, chosen_step=step,
-                     chosen_by=clause, validation=curve)
+    meta = _metadata("finetune", recipe, losses, t0, ["finetune", "--seed", str(seed), "--out", str(out)], seed=seed,
+                     rule=SELECTION_RULE, chosen_step=step, chosen_by=clause, validation=curve)
     return save_adapter(pm, Path(adapters) / ADAPTERS[name].folder, meta)
 
 
 def _seeded(recipe: Recipe, seed: int) -> Recipe:
-    import dataclasses
     return dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, seed=seed))
