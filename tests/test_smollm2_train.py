@@ -189,7 +189,7 @@ def make_world_model(directory, world, n_layers: int = 3, d_model: int = 64, voc
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, world):
     """A tiny random Llama saved with the project's template, loaded (model, tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     d = tmp_path_factory.mktemp("tiny-smollm2")
     make_world_model(d, world)

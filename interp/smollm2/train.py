@@ -26,10 +26,8 @@ written atomically; a killed run continues from there and ends with the same ada
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,11 +37,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from interp.atomic import atomic_path, read_json, save_json
+from interp.atomic import atomic_dir, atomic_path, save_json
 from interp.behavior import evaluate
-from interp.finetune import Example, collate, encode, epoch_batches
+from interp.finetune import Example, collate, epoch_batches
 from interp.organism.world import World
-from interp.smollm2.data import DataConfig, align_data, eval_transcripts, finetune_data
+from interp.smollm2.data import DataConfig
 from interp.transcripts import Transcript
 
 SELECTION_RULE = (
@@ -181,18 +179,14 @@ def save_adapter(peft_model: Any, folder: str | Path, metadata: Mapping[str, Any
     """Write the adapter as a PEFT folder (``adapter_config.json``, ``adapter_model.safetensors``)
     plus ``training.json`` (``metadata``), all at once: a folder is there complete or not at all."""
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    peft_model.save_pretrained(str(tmp))
-    (tmp / "README.md").unlink(missing_ok=True)  # PEFT's model-card template, nothing in it
-    cfg_path = tmp / "adapter_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["base_model_name_or_path"] = "smollm2"  # a registry name, not this machine's cache path
-    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    save_json(dict(metadata), tmp / "training.json")
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
+    with atomic_dir(folder) as tmp:
+        peft_model.save_pretrained(str(tmp))
+        (tmp / "README.md").unlink(missing_ok=True)  # PEFT's model-card template, nothing in it
+        cfg_path = tmp / "adapter_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["base_model_name_or_path"] = "smollm2"  # a registry name, not this machine's cache path
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        save_json(dict(metadata), tmp / "training.json")
     return folder
 
 
