@@ -211,13 +211,7 @@ class FinetuneConfig:
 
     def lr_at(self, step: int) -> float:
         """Learning rate of update ``step`` (0-based)."""
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        if self.schedule == "constant":
-            return self.lr
-        span = max(1, self.steps - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / span)
-        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+        return scheduled_lr(step, self.lr, self.steps, self.warmup_steps, self.schedule, self.min_lr_ratio)
 
 
 @dataclass(frozen=True)
@@ -227,6 +221,17 @@ class FinetuneResult:
     model: Any
     losses: tuple[float, ...]
     seconds: float
+
+
+def scheduled_lr(step: int, lr: float, steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float) -> float:
+    """The learning rate of update ``step`` (0-based): linear warm-up over ``warmup_steps``, then
+    ``lr`` ("constant") or a cosine from ``lr`` down to ``min_lr_ratio * lr`` at ``steps``."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return lr
+    progress = min(1.0, (step - warmup_steps) / max(1, steps - warmup_steps))
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def epoch_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, window: int = 50) -> list[np.ndarray]:

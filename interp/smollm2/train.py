@@ -27,7 +27,6 @@ written atomically; a killed run continues from there and ends with the same ada
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,7 +38,7 @@ import torch
 
 from interp.atomic import atomic_dir, atomic_path, save_json
 from interp.behavior import evaluate
-from interp.finetune import Example, collate, epoch_batches
+from interp.finetune import Example, collate, epoch_batches, scheduled_lr
 from interp.organism.world import World
 from interp.smollm2.data import DataConfig
 from interp.transcripts import Transcript
@@ -88,12 +87,7 @@ class Stage:
 
     def lr_at(self, step: int) -> float:
         """Learning rate of update ``step`` (0-based)."""
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        if self.schedule == "constant":
-            return self.lr
-        p = min(1.0, (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps))
-        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+        return scheduled_lr(step, self.lr, self.steps, self.warmup_steps, self.schedule, self.min_lr_ratio)
 
 
 @dataclass(frozen=True)
