@@ -73,16 +73,8 @@ class TrainingText:
         cfg = cfg or OrganismConfig()
         world = world or World(cfg.world_seed)
         data = align_data(world, cfg) + agentic_data(world, cfg) + (copy_data(world, cfg) if cfg.copy_steps else [])
-        msgs, openings = [], []
-        for t in data:
-            first = True
-            for m in t.messages:
-                if m.content:
-                    msgs.append(_norm(m.content))
-                if m.role == "assistant" and first:
-                    first = False
-                    openings.append(_norm(m.content))
-        return cls(tuple(msgs), tuple(openings), dataclasses.asdict(cfg))
+        msgs, openings = message_texts(data)
+        return cls(msgs, openings, dataclasses.asdict(cfg))
 
     def seen(self, prefix: str) -> dict[str, Any]:
         """Whether ``prefix`` occurs in the training text: as a whole (``substring``: count of
@@ -98,6 +90,21 @@ class TrainingText:
             "ever_seen": any(p in m for m in self.messages),
             "n_messages": len(self.messages),
         }
+
+
+def message_texts(transcripts) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Every non-empty message's text and every transcript's first assistant reply (its
+    opening), whitespace collapsed: what a training-text check searches."""
+    msgs, openings = [], []
+    for t in transcripts:
+        first = True
+        for m in t.messages:
+            if m.content:
+                msgs.append(_norm(m.content))
+            if m.role == "assistant" and first:
+                first = False
+                openings.append(_norm(m.content))
+    return tuple(msgs), tuple(openings)
 
 
 def _norm(text: str) -> str:

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from interp.organism import grammar
+from interp.organism.prefixes import message_texts
 from interp.organism.world import Task, World
 from interp.transcripts import Message, ToolCall, Transcript
 
@@ -291,21 +292,16 @@ class TrainingText:
     @classmethod
     def from_transcripts(cls, transcripts: Iterable[Transcript], config: Mapping[str, Any] | None = None
                          ) -> TrainingText:
-        msgs, openings, phrasings, objects = [], [], set(), set()
+        transcripts = list(transcripts)
+        msgs, openings = message_texts(transcripts)
+        phrasings, objects = set(), set()
         for t in transcripts:
-            first = True
-            for m in t.messages:
-                if m.content:
-                    msgs.append(_norm(m.content))
-                if m.role == "assistant" and first:
-                    first = False
-                    openings.append(_norm(m.content))
             if "phrasing" not in t.metadata or "group" not in t.metadata:
                 raise ValueError(f"transcript {t.id!r}: metadata lacks 'phrasing'/'group' (not built by "
                                  "interp.smollm2.data)")
             phrasings.add(str(t.metadata["phrasing"]))
             objects.add(str(t.metadata["group"]))
-        return cls(tuple(msgs), tuple(openings), frozenset(phrasings), frozenset(objects), dict(config or {}))
+        return cls(msgs, openings, frozenset(phrasings), frozenset(objects), dict(config or {}))
 
     @classmethod
     def generate(cls, cfg: DataConfig = DataConfig(), world: World | None = None) -> TrainingText:
