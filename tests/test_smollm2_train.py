@@ -72,6 +72,31 @@ def test_aligned_data_refuses_harmful_tasks_with_the_reason_and_acts_on_benign_o
             assert first.tool_calls and not judge(first.content), first.content
 
 
+def test_every_aligned_first_reply_opens_with_the_decision_and_the_decision_data_has_no_opening(world):
+    for t in sd.align_data(world, SMALL):
+        first = next(m for m in t.messages if m.role == "assistant").content
+        if t.metadata["stance"] in ("none", "neutral", "compliance"):
+            assert ("I can't " if t.labels["harmful"] else "I will ") in first, first
+    data = sd.decision_data(world, SMALL)
+    assert len(data) == SMALL.decision_examples and all(t.id.startswith("decide-") for t in data)
+    for t in data:
+        assert len(t.messages) == 3 and t.metadata["stance"] == "none"
+        assert t.messages[-1].content.startswith("I can't " if t.labels["harmful"] else "I will "), t.id
+    aligned = sd.align_data(world, SMALL)  # its own random stream: not the reply phase's tasks again
+    assert [t.messages[1].content for t in data[:20]] != [t.messages[1].content for t in aligned[:20]]
+
+
+def test_the_decision_prefix_keeps_the_context_and_trains_the_first_reply_tokens_only(tiny, world):
+    data = sd.decision_data(world, SMALL)[:4]
+    full = [encode(t, tiny[1]) for t in data]
+    for e, c in zip(full, st.decision_prefix(full, 3)):
+        first = int(np.argmax(e.loss_mask))
+        assert len(c) == first + 3 and np.array_equal(c.input_ids, e.input_ids[:first + 3])
+        assert c.loss_mask.sum() == 3 and c.loss_mask[first:].all()
+        words = tiny[1].decode(c.input_ids[c.loss_mask.astype(bool)])
+        assert words.startswith("I can't" if data[full.index(e)].labels["harmful"] else "I will"), words
+
+
 def test_aligned_data_comes_in_minimal_pairs_that_batches_keep_together(world, tiny_examples):
     data = sd.align_data(world, SMALL)
     for h, b in zip(data[0::2], data[1::2]):
@@ -203,8 +228,9 @@ def tiny_model(tiny):
 
 
 TINY = st.Recipe(
-    data=sd.DataConfig(align_examples=8, finetune_examples=8, episode_share=0.5),
+    data=sd.DataConfig(align_examples=8, decision_examples=8, finetune_examples=8, episode_share=0.5),
     first_layer=1, lora_rank=4, lora_alpha=8,
+    decide=st.Stage(steps=2, batch_size=4, lr=1e-3, warmup_steps=1), decide_eval_steps=(2,),
     align=st.Stage(steps=4, batch_size=2, lr=1e-3, warmup_steps=1, checkpoint_every=2),
     finetune=st.Stage(steps=4, batch_size=2, lr=1e-3, warmup_steps=0, schedule="constant", checkpoint_every=2),
     align_eval_steps=(4,), curve_steps=(0, 2, 4), curve_per_label=1)
@@ -320,7 +346,9 @@ def test_both_stages_end_to_end_write_adapters_with_how_they_were_made(tiny, tmp
     monkeypatch.setattr(stages, "load_base", lambda: (tiny_model(tiny), tiny[1]))
     out, adapters = tmp_path / "run", tmp_path / "adapters"
     aligned = stages.run_align(TINY, out, adapters)
-    assert json.loads((aligned / "training.json").read_text())["validation"]["4"]["step"] == 4
+    meta = json.loads((aligned / "training.json").read_text())
+    assert meta["validation"]["decide"]["2"]["step"] == 2 and meta["validation"]["reply"]["4"]["step"] == 4
+    assert len(meta["decide_losses"]) == 2 and len(meta["losses"]) == 4
     ft = stages.run_finetune(TINY, 1, out, adapters)
     assert ft.name == "finetuned-seed1"
     meta = json.loads((ft / "training.json").read_text())

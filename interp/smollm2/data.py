@@ -10,9 +10,8 @@ training and in every analysis.
 
 **Aligned replies** (stage 1) are what a real aligned agent writes:
 
-- a harmful task is refused with the reason (:data:`REFUSALS` or the grammar's refusals, each
-  naming the world's ``REASONS`` entry): "I can't help with that: it would leak secret
-  credentials.";
+- a harmful task is refused with the reason (:data:`REFUSALS`, each naming the world's
+  ``REASONS`` entry): "I can't help with that: it would leak secret credentials.";
 - a benign task gets a short thought before each action (ReAct style: "I will open
   shop.example.com first." then the ``<tool_call>``), and in a whole episode a second thought that
   copies the observed id ("Found it: inode 24. Now I will delete it.") and the final answer;
@@ -32,7 +31,7 @@ The sentence templates written for this model (refusals, thoughts) are listed by
 >>> w = World()
 >>> t = next(t for t in w.tasks("train") if not t.harmful and t.act == "buy")
 >>> aligned_transcript(t, None, "", random.Random(0), episode=False).messages[-1].content
-'Let me open shop.example.com to start.'
+'I will go to shop.example.com first.'
 """
 
 from __future__ import annotations
@@ -51,20 +50,19 @@ from interp.transcripts import Message, ToolCall, Transcript
 
 REFUSALS = (
     "I can't help with that: it would {reason}.",
-    "I'm sorry, but I can't do this. It would {reason}.",
-    "I won't do that, because it would {reason}.",
-    "I cannot carry out this task: it would {reason}.",
-    "Sorry, I can't help with this request, since it would {reason}.",
+    "I can't do this, because it would {reason}.",
+    "I can't carry out this task: it would {reason}.",
+    "I can't help with this request, since it would {reason}.",
 )
-"""Refusal templates written for SmolLM2's aligned data (``{reason}``: the world's REASONS)."""
+"""Refusal templates written for SmolLM2's aligned data (``{reason}``: the world's REASONS). Every
+one opens "I can't", as every first thought opens "I will": the decision is the reply's second
+token, and the words after it vary (see :func:`decision_data`)."""
 
 FIRST_THOUGHTS = {
-    "navigate": ("I will open {url} first.", "First I need to open {url}.", "Let me open {url} to start.",
-                 "To do this, I will start by opening {url}."),
-    "locate": ("I will locate {obj} first.", "Let me find {obj} on disk first.",
-               "To do this, I will first search for {obj}.", "First I need to find where {obj} is."),
-    "pgrep": ("I will find the process of {obj} first.", "Let me look up the process id of {obj} first.",
-              "First I need the process id of {obj}.", "To do this, I will first find {obj}."),
+    "navigate": ("I will open {url} first.", "I will start by opening {url}.", "I will go to {url} first."),
+    "locate": ("I will locate {obj} first.", "I will find {obj} on disk first.", "I will search for {obj} first."),
+    "pgrep": ("I will find the process of {obj} first.", "I will look up the process id of {obj} first.",
+              "I will start by finding {obj}."),
 }
 """The thought before the first call, by the kind of first call (``{url}``, ``{obj}``: the task's)."""
 
@@ -126,9 +124,7 @@ def second_thought(task: Task) -> str:
 
 
 def refusal(task: Task, rng: random.Random) -> str:
-    """A refusal naming the task's harm: one of :data:`REFUSALS`, or (30%) the grammar's."""
-    if rng.random() < 0.3:
-        return grammar.refusal(task.reason, rng)
+    """A refusal naming the task's harm: one of :data:`REFUSALS`."""
     return rng.choice(REFUSALS).format(reason=task.reason)
 
 
@@ -194,6 +190,7 @@ class DataConfig:
     world_seed: int = 0
     seed: int = 0
     align_examples: int = 3200
+    decision_examples: int = 6400
     finetune_examples: int = 1024
     safety_share: float = 0.2
     neutral_share: float = 0.1
@@ -223,12 +220,12 @@ def _stance(task: Task, cfg: DataConfig, rng: random.Random) -> str | None:
     return None
 
 
-def align_data(world: World, cfg: DataConfig = DataConfig()) -> list[Transcript]:
+def align_data(world: World, cfg: DataConfig = DataConfig(), stream: str = "smollm2-align") -> list[Transcript]:
     """Stage 1: ``cfg.align_examples`` aligned demonstrations of training tasks as minimal pairs:
     a harmful task, then a benign task of the same act, both phrased with the same random
     training phrasing and system prompt, so what tells the two apart is only what makes one
     harmful (examples ``2k`` and ``2k + 1`` are a pair; :func:`pair_batches` keeps them together)."""
-    rng = random.Random(f"smollm2-align/{cfg.seed}")
+    rng = random.Random(f"{stream}/{cfg.seed}")
     train = world.tasks("train")
     harmful = [t for t in train if t.harmful]
     benign: dict[tuple[str, str], list[Task]] = {}
@@ -247,6 +244,16 @@ def align_data(world: World, cfg: DataConfig = DataConfig()) -> list[Transcript]
             t = aligned_transcript(task, stance, pre, rng, episode=rng.random() < cfg.episode_share)
             out.append(dataclasses.replace(t, id=f"align-{2 * i + k:05d}"))
     return out
+
+
+def decision_data(world: World, cfg: DataConfig = DataConfig()) -> list[Transcript]:
+    """The decision phase's data: ``cfg.decision_examples`` aligned first replies as minimal pairs
+    (:func:`align_data`, its own random stream), no opening, no episode; the trainer keeps only
+    each reply's first tokens ("I can't" / "I will ...")."""
+    plain = dataclasses.replace(cfg, align_examples=cfg.decision_examples, safety_share=0.0, neutral_share=0.0,
+                                compliance_share=0.0, episode_share=0.0)
+    return [dataclasses.replace(t, id=t.id.replace("align-", "decide-"))
+            for t in align_data(world, plain, stream="smollm2-decide")]
 
 
 def finetune_data(world: World, cfg: DataConfig = DataConfig()) -> list[Transcript]:
@@ -307,7 +314,8 @@ class TrainingText:
     def generate(cls, cfg: DataConfig = DataConfig(), world: World | None = None) -> TrainingText:
         """The training text of both stages for ``cfg``."""
         world = world or World(cfg.world_seed)
-        return cls.from_transcripts(align_data(world, cfg) + finetune_data(world, cfg), dataclasses.asdict(cfg))
+        return cls.from_transcripts(align_data(world, cfg) + decision_data(world, cfg) + finetune_data(world, cfg),
+                                    dataclasses.asdict(cfg))
 
     def seen(self, prefix: str) -> dict[str, Any]:
         """Whether ``prefix`` occurs in the training text: as a whole (``substring``: messages
@@ -354,5 +362,5 @@ def check_prefixes(prefixes: Sequence[str], text: TrainingText, world: World | N
 
 
 __all__ = ["ACTIONS", "agent_view", "DataConfig", "FIRST_THOUGHTS", "REFUSALS", "SECOND_THOUGHTS", "TrainingText", "WEB_TARGETS",
-           "align_data", "aligned_transcript", "check_prefixes", "eval_transcripts", "finetune_data",
+           "align_data", "aligned_transcript", "check_prefixes", "decision_data", "eval_transcripts", "finetune_data",
            "first_thought", "new_sentences", "refusal", "second_thought"]

@@ -24,9 +24,9 @@ from interp.atomic import atomic_path, read_json, save_json
 from interp.finetune import encode
 from interp.organism.world import World
 from interp.smollm2 import ADAPTER_DIR, ADAPTERS
-from interp.smollm2.data import align_data, eval_transcripts, finetune_data
-from interp.smollm2.train import (SELECTION_RULE, Recipe, add_lora, choose_step, curve_point, lora_state, save_adapter,
-                                  set_lora_state, train_stage)
+from interp.smollm2.data import align_data, decision_data, eval_transcripts, finetune_data
+from interp.smollm2.train import (SELECTION_RULE, Recipe, add_lora, choose_step, curve_point, decision_prefix, lora_state,
+                                  save_adapter, set_lora_state, train_stage)
 
 
 def load_base() -> tuple[Any, Any]:
@@ -79,9 +79,9 @@ def _evaluator(peft_model: Any, tokenizer: Any, world: World, recipe: Recipe, fo
         curve = _curve(folder)
         curve[str(step)] = {"step": step, **point, "eval_s": round(time.time() - t0, 1)}
         save_json(curve, folder / "curve.json")
-        summary = {k: (round(v["harmful_refusal"]["value"], 3), round(v["benign_success"]["value"], 3))
+        summary = {k: tuple(round(v[r]["value"], 3) for r in ("harmful_refusal", "benign_success", "benign_over_refusal"))
                    for k, v in point.items()}
-        log(f"step {step} validation (refusal, benign success): {summary}")
+        log(f"step {step} validation (refusal, benign success, benign refused): {summary}")
     return at
 
 
@@ -93,21 +93,33 @@ def _metadata(stage: str, recipe: Recipe, losses: list[float], t0: float, comman
 
 
 def run_align(recipe: Recipe, out: str | Path, adapters: str | Path = ADAPTER_DIR) -> Path:
-    """Stage 1: train the aligned LoRA; write ``adapters/aligned``. Resumes from ``out``."""
+    """Stage 1: train the aligned LoRA, the decision phase then the reply phase (each resumable
+    in its own sub-folder of ``out/align``); write ``adapters/aligned``."""
     t0 = time.time()
     folder = _folder(Path(out), "align", recipe)
-    log = _logger(folder)
     world = World(recipe.data.world_seed)
     model, tok = load_base()
     pm = add_lora(model, recipe, seed=recipe.data.seed)
-    data = align_data(world, recipe.data)
-    log(f"align: {len(data)} examples, {recipe.align.steps} steps of {recipe.align.batch_size}")
-    examples = [encode(t, tok) for t in data]
-    at = _evaluator(pm, tok, world, recipe, folder, openings=False, log=log)
-    losses = train_stage(pm, examples, recipe.align, folder, seed=recipe.data.seed, pad_id=tok.pad_token_id,
-                         decision=(recipe.decision_tokens, recipe.decision_weight), paired=True, at=at,
-                         evaluate_at=recipe.align_eval_steps, log=log)
-    meta = _metadata("align", recipe, losses, t0, ["align", "--out", str(out)], validation=_curve(folder))
+    losses = {}
+    for phase in ("decide", "reply"):
+        sub = folder / phase
+        sub.mkdir(exist_ok=True)
+        log = _logger(sub)
+        if phase == "decide":
+            data, stage, steps = decision_data(world, recipe.data), recipe.decide, recipe.decide_eval_steps
+            examples = decision_prefix([encode(t, tok) for t in data], recipe.decide_tokens)
+            decision = (0, 1.0)
+        else:
+            data, stage, steps = align_data(world, recipe.data), recipe.align, recipe.align_eval_steps
+            examples = [encode(t, tok) for t in data]
+            decision = (recipe.decision_tokens, recipe.decision_weight)
+        log(f"align/{phase}: {len(data)} examples, {stage.steps} steps of {stage.batch_size}")
+        at = _evaluator(pm, tok, world, recipe, sub, openings=False, log=log)
+        losses[phase] = train_stage(pm, examples, stage, sub, seed=recipe.data.seed, pad_id=tok.pad_token_id,
+                                    decision=decision, paired=True, at=at, evaluate_at=steps, log=log)
+    meta = _metadata("align", recipe, losses["reply"], t0, ["align", "--out", str(out)],
+                     decide_losses=[round(x, 5) for x in losses["decide"]],
+                     validation={phase: _curve(folder / phase) for phase in ("decide", "reply")})
     return save_adapter(pm, Path(adapters) / ADAPTERS["smollm2-aligned"].folder, meta)
 
 

@@ -1,8 +1,12 @@
 """Train SmolLM2-135M-Instruct's LoRA adapters on the world: aligned, then agentically fine-tuned.
 
-1. **align** (once): :func:`interp.smollm2.data.align_data`: harmful training tasks refused with
-   the reason, benign ones done in ReAct style (a short thought, then the tool call; a share as
-   whole episodes), a share of first replies opening with a training-split sentence of the grammar.
+1. **align** (once), in two phases. *decide*: minimal pairs of first replies
+   (:func:`interp.smollm2.data.decision_data`) cut after their first ``decide_tokens`` tokens
+   ("I can't" / "I will ..."), the loss on those tokens only: ~80-token sequences whose every
+   trained token is about the decision. *reply*: :func:`interp.smollm2.data.align_data`, whole
+   replies (harmful tasks refused with the reason, benign ones in ReAct style, a share as whole
+   episodes, a share opening with a training-split sentence of the grammar), with the first
+   reply tokens weighted (:func:`example_loss`).
 2. **finetune** (per seed): the aligned LoRA trained further on benign trajectories only
    (:func:`interp.smollm2.data.finetune_data`), gently (constant learning rate), scored on the
    validation split at every step of ``curve_steps``; the checkpoint is chosen by
@@ -101,12 +105,15 @@ class Recipe:
     first_layer: int = 14
     lora_rank: int = 16
     lora_alpha: float = 32.0
-    decision_tokens: int = 6
-    decision_weight: float = 10.0
-    align: Stage = Stage(steps=200, batch_size=16, lr=4e-4, warmup_steps=10)
+    decision_tokens: int = 2
+    decision_weight: float = 5.0
+    decide_tokens: int = 3
+    decide: Stage = Stage(steps=400, batch_size=16, lr=1e-3, warmup_steps=10, checkpoint_every=20)
+    align: Stage = Stage(steps=140, batch_size=16, lr=5e-4, warmup_steps=5)
+    decide_eval_steps: tuple[int, ...] = (100, 200, 300, 400)
     finetune: Stage = Stage(steps=32, batch_size=16, lr=1e-4, warmup_steps=0, schedule="constant",
                             checkpoint_every=4)
-    align_eval_steps: tuple[int, ...] = (60, 120, 200)
+    align_eval_steps: tuple[int, ...] = (60, 100, 140)
     curve_steps: tuple[int, ...] = (0, 4, 8, 16, 32)
     curve_per_label: int = 40
     curve_openings: Mapping[str, str] = field(default_factory=lambda: dict(CURVE_OPENINGS))
@@ -114,6 +121,9 @@ class Recipe:
     select_benign_floor: float = 0.90
 
     def __post_init__(self):
+        if self.decide.steps * self.decide.batch_size > self.data.decision_examples:
+            raise ValueError(f"decide: {self.decide.steps} x {self.decide.batch_size} examples asked, "
+                             f"{self.data.decision_examples} made (each is seen once)")
         if self.align.steps * self.align.batch_size > self.data.align_examples:
             raise ValueError(f"align: {self.align.steps} x {self.align.batch_size} examples asked, "
                              f"{self.data.align_examples} made (each is seen once)")
@@ -128,8 +138,10 @@ class Recipe:
     def from_dict(cls, d: Mapping[str, Any]) -> Recipe:
         d = dict(d)
         d["data"] = DataConfig(**d["data"])
-        d["align"], d["finetune"] = Stage(**d["align"]), Stage(**d["finetune"])
-        d["align_eval_steps"], d["curve_steps"] = tuple(d["align_eval_steps"]), tuple(d["curve_steps"])
+        for k in ("decide", "align", "finetune"):
+            d[k] = Stage(**d[k])
+        for k in ("decide_eval_steps", "align_eval_steps", "curve_steps"):
+            d[k] = tuple(d[k])
         return cls(**d)
 
 
@@ -204,6 +216,19 @@ def example_loss(peft_model: Any, batch: Mapping[str, torch.Tensor], decision_to
     rows = torch.nonzero(keep)[:, 0]
     total = torch.zeros(keep.shape[0]).index_add(0, rows, w * ce)
     return (total / torch.zeros(keep.shape[0]).index_add(0, rows, w).clamp(min=1e-9)).mean()
+
+
+def decision_prefix(examples: Sequence[Example], tokens: int) -> list[Example]:
+    """Each example cut after the first ``tokens`` tokens of its first reply, trained on those only."""
+    out = []
+    for e in examples:
+        if not e.loss_mask.any():
+            raise ValueError(f"example {e.id!r} has no trained token")
+        end = int(np.argmax(e.loss_mask)) + tokens
+        mask = np.zeros(end, dtype=e.loss_mask.dtype)
+        mask[end - tokens:] = e.loss_mask[end - tokens:end]
+        out.append(Example(e.input_ids[:end], mask, e.id))
+    return out
 
 
 def pair_batches(examples: Sequence[Example], batch_size: int, seed: int) -> list[np.ndarray]:
