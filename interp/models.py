@@ -21,6 +21,7 @@ stream (through :meth:`Model.hooks` on ``hf`` and ``bridge``, through an nnsight
 
 from __future__ import annotations
 
+import json
 import operator
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -392,12 +393,23 @@ class Source:
 
 def resolve(name_or_path: str | Path) -> Source:
     """Map a model name to a :class:`Source`: a registered built-in name (see
-    :func:`builtin_names`), an existing ``save_pretrained`` directory, or an ``owner/name`` hub id."""
+    :func:`builtin_names`), an existing ``save_pretrained`` directory, a PEFT adapter directory
+    (``adapter_config.json``; its ``base_model_name_or_path`` is resolved the same way), or an
+    ``owner/name`` hub id."""
     name = str(name_or_path)
     if name in _BUILTINS:
         b = _BUILTINS[name]
         return Source(str(b.checkpoint()), True, None if b.adapter is None else b.adapter())
     p = Path(name).expanduser()
+    if p.is_dir() and (p / "adapter_config.json").exists() and not (p / "config.json").exists():
+        base = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base:
+            raise ValueError(f"{p / 'adapter_config.json'}: no base_model_name_or_path, so the adapter's base "
+                             "model is unknown")
+        source = resolve(base)
+        if source.adapter is not None:
+            raise ValueError(f"{p}: its base {base!r} is itself an adapter; merge that one first")
+        return Source(source.path, source.local, p)
     if p.is_dir():
         if not (p / "config.json").exists():
             raise FileNotFoundError(f"{p}: no config.json, not a saved Hugging Face model directory")

@@ -69,3 +69,27 @@ def test_logits_match_a_plain_forward(tiny_dirs, arch):
     mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
     alone = m.logits(ids[1:, 2:], mask[1:, 2:])
     torch.testing.assert_close(m.logits(ids, mask)[1, 2:], alone[0], atol=1e-5, rtol=0)
+
+
+def test_a_peft_adapter_folder_loads_by_path_over_the_base_it_names(tiny_dirs, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], attn_implementation="eager")
+    torch.manual_seed(0)
+    pm = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "adapter")
+    assert resolve(tmp_path / "adapter") == Source(str(tiny_dirs["llama"]), True, tmp_path / "adapter")
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], attn_implementation="eager")
+    unmerged = PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        want = unmerged(input_ids=ids).logits
+        got = load_model(tmp_path / "adapter").hf_model(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-5)
+    with torch.no_grad():
+        assert not torch.allclose(got, AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"])(input_ids=ids).logits)
+    cfg = tmp_path / "adapter" / "adapter_config.json"
+    cfg.write_text(cfg.read_text().replace(str(tiny_dirs["llama"]), ""))
+    with pytest.raises(ValueError, match="no base_model_name_or_path"):
+        resolve(tmp_path / "adapter")
