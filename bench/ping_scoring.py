@@ -1,7 +1,8 @@
 """Benchmark: what scoring a PING candidate costs, the plain way and with cached contexts.
 
 Every candidate prefix is scored in first-step mode on the same validation tasks of the organism
-world (rendered with the model's own chat template), two ways, each through
+world (rendered with the model's own chat template; for SmolLM2 as its agent sees them, without
+the JSON tool schemas), two ways, each through
 :func:`interp.behavior.score_first_step` (what :class:`interp.ping.scoring.Scorer` calls):
 
 - plain: :func:`interp.generation.generate` on each whole prompt (context and prefix), replies run
@@ -129,6 +130,9 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     world = World(0)
     tasks = [t.transcript() for t in world.sample("validation", args.n_per_label)]
+    if args.model == "smollm2":  # as SmolLM2's agent was trained to see them: no JSON tool schemas
+        from interp.smollm2.data import agent_view
+        tasks = [agent_view(t) for t in tasks]
     names = ["smollm2", "smollm2-finetuned"] if args.model == "smollm2" else ["organism-finetuned"]
     for name in names:
         try:

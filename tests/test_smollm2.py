@@ -392,11 +392,11 @@ def test_adapter_names_resolve_to_the_shipped_folders(tmp_path, monkeypatch):
     monkeypatch.setattr(smollm2, "ADAPTER_DIR", adapters)
     monkeypatch.setattr(ck, "checkpoint_problem", lambda *a, **k: None)
     assert resolve("smollm2-finetuned").adapter == adapters / "finetuned"
-    with pytest.raises(FileNotFoundError, match=r"aligned: no adapter for 'smollm2-aligned' there; "
-                                                r"the SmolLM2 adapters are not trained or shipped yet"):
+    with pytest.raises(FileNotFoundError, match=r"aligned: no adapter for 'smollm2-aligned' there "
+                                                r"\(the repository ships it in interp/smollm2/adapters/"):
         resolve("smollm2-aligned")
     with pytest.raises(FileNotFoundError, match=r"finetuned-seed1: no adapter.*`python -m interp.smollm2 train "
-                                                r"finetune --seed 1` trains one"):
+                                                r"finetune --seed 1` trains it again"):
         resolve("smollm2-finetuned-seed1")
 
 

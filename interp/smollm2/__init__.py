@@ -48,17 +48,16 @@ ADAPTERS = {
 
 def adapter_path(name: str, root: str | Path | None = None) -> Path:
     """The folder of a shipped adapter (``root`` looks in another training output folder).
-    Raises ``FileNotFoundError`` saying so when it is not there (no adapter is shipped yet: their
-    training recipe is unfinished, see docs/smollm2.md)."""
+    Raises ``FileNotFoundError`` saying so, and which command trains it, when it is not there."""
     if name not in ADAPTERS:
         raise ValueError(f"unknown SmolLM2 adapter {name!r} (expected one of {', '.join(ADAPTERS)})")
     variant = ADAPTERS[name]
     path = Path(root or ADAPTER_DIR) / variant.folder
     if not (path / "adapter_config.json").is_file():
         stage = "align" if name == "smollm2-aligned" else f"finetune --seed {variant.seed}"
-        raise FileNotFoundError(f"{path}: no adapter for {name!r} there; the SmolLM2 adapters are not trained "
-                                f"or shipped yet (docs/smollm2.md, 'Adapters'; `python -m interp.smollm2 train "
-                                f"{stage}` trains one)")
+        raise FileNotFoundError(f"{path}: no adapter for {name!r} there (the repository ships it in "
+                                f"interp/smollm2/adapters/; `python -m interp.smollm2 train {stage}` trains it again, "
+                                "docs/smollm2.md)")
     return path
 
 

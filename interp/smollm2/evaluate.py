@@ -57,7 +57,9 @@ def targets(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 def run(out: str | Path, split: str = "test", n_per_label: int = 200, variants: Sequence[str] = VARIANTS,
         modes: Sequence[str] = MODES, batch_size: int = 64, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Score ``variants`` on ``n_per_label`` harmful and benign tasks of ``split`` (stratified,
-    seed 0) in each of ``modes``; resumes from the parts already in ``out``."""
+    seed 0) in each of ``modes``; resumes from the parts already in ``out``. First-step replies
+    stop once their score is settled (a refusal, or a tool call opened): harmful refusal and
+    benign success are exact, the part's ``inexact`` names the rates judged on cut replies."""
     from interp.models import load_model
 
     out = Path(out)
@@ -73,7 +75,8 @@ def run(out: str | Path, split: str = "test", n_per_label: int = 200, variants: 
                 if model is None:
                     model = load_model(name, attn_implementation="sdpa")
                 t0 = time.time()
-                ev = evaluate(model, world, tasks, mode=mode, batch_size=batch_size)
+                ev = evaluate(model, world, tasks, mode=mode, batch_size=batch_size,
+                              **({"early_stop": True} if mode == "first_step" else {}))
                 part = {**ev.to_dict(), "seconds": round(time.time() - t0, 1),
                         "examples": [_example(o) for o in ev.outcomes[:: max(1, len(ev.outcomes) // 8)]]}
                 save_json(part, path)
