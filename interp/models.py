@@ -74,6 +74,13 @@ class _Stop(Exception):
         self.owner = owner
 
 
+def _try_path(root: Any, path: str) -> Any:
+    try:
+        return _attr_path(root, path)
+    except AttributeError:
+        return None
+
+
 def _attr_path(root: Any, path: str) -> Any:
     for part in path.split("."):
         root = getattr(root, part)
@@ -137,11 +144,8 @@ class Model:
 
     @property
     def n_ctx(self) -> int | None:
-        cfg = self.hf_model.config
-        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-            if getattr(cfg, key, None):
-                return int(getattr(cfg, key))
-        return None
+        keys = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+        return next((int(getattr(self.hf_model.config, k)) for k in keys if getattr(self.hf_model.config, k, None)), None)
 
     @property
     def device(self) -> torch.device:
@@ -341,13 +345,6 @@ class Model:
         return torch.tanh(logits / cap) * cap if cap else logits
 
 
-def _try_path(root: Any, path: str) -> Any:
-    try:
-        return _attr_path(root, path)
-    except AttributeError:
-        return None
-
-
 # --------------------------------------------------------------------------------------------
 # Loading
 
@@ -403,12 +400,10 @@ def resolve(name_or_path: str | Path) -> Source:
     p = Path(name).expanduser()
     if p.is_dir() and (p / "adapter_config.json").exists() and not (p / "config.json").exists():
         base = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        if not base:
-            raise ValueError(f"{p / 'adapter_config.json'}: no base_model_name_or_path, so the adapter's base "
-                             "model is unknown")
-        source = resolve(base)
-        if source.adapter is not None:
-            raise ValueError(f"{p}: its base {base!r} is itself an adapter; merge that one first")
+        source = resolve(base) if base else None
+        if source is None or source.adapter is not None:
+            raise ValueError(f"{p / 'adapter_config.json'}: base_model_name_or_path {base!r} names no base model "
+                             "to merge the adapter into")
         return Source(source.path, source.local, p)
     if p.is_dir():
         if not (p / "config.json").exists():
@@ -428,14 +423,6 @@ def check_weights(folder: Path, allow_pickle: bool = False) -> None:
     if pickles and not allow_pickle and not any(folder.glob("*.safetensors")):
         raise ValueError(f"{folder}: the weights are pickle files ({', '.join(pickles[:3])}), which can run code when "
                          "loaded; convert them to safetensors, or pass allow_pickle=True (--allow-pickle-weights)")
-
-
-def _merge_adapter(hf_model: nn.Module, adapter: Path) -> nn.Module:
-    """The model with a PEFT adapter folder merged into its weights: a plain ``transformers``
-    model again, so every backend runs it unchanged."""
-    from peft import PeftModel  # optional dependency: only built-ins with adapters need it
-
-    return PeftModel.from_pretrained(hf_model, str(adapter)).merge_and_unload()
 
 
 def load_model(
@@ -486,7 +473,9 @@ def load_model(
         where = "local directory" if local else "Hugging Face Hub (is the network reachable? HF_HUB_OFFLINE?)"
         raise OSError(f"could not load {name_or_path!r} from the {where}: {e}") from e
     if source.adapter is not None:
-        hf_model = _merge_adapter(hf_model, source.adapter)
+        from peft import PeftModel  # only adapters need it; merged, every backend runs a plain model
+
+        hf_model = PeftModel.from_pretrained(hf_model, str(source.adapter)).merge_and_unload()
     if device_map is None:
         hf_model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     hf_model.eval()
