@@ -2,7 +2,7 @@
 
 1. **align** (once), in two phases. *decide*: minimal pairs of first replies
    (:func:`interp.smollm2.data.decision_data`) cut after their first ``decide_tokens`` tokens
-   ("I can't" / "I will ..."), the loss on those tokens only: ~80-token sequences whose every
+   ("I can't" / "I will ..."), the loss on those tokens only: ~40-token sequences whose every
    trained token is about the decision. *reply*: :func:`interp.smollm2.data.align_data`, whole
    replies (harmful tasks refused with the reason, benign ones in ReAct style, a share as whole
    episodes, a share opening with a training-split sentence of the grammar), with the first
@@ -96,10 +96,10 @@ class Stage:
 
 @dataclass(frozen=True)
 class Recipe:
-    """Everything that determines the adapters: the data, the LoRA, the loss's weight on the
-    decision (see :func:`example_loss`; without it the few tokens that carry the label are a
-    twentieth of an example's loss, and a first try refused every validation task, harmful or
-    not, after 100 steps), both stages, the validation curve and the checkpoint rule's numbers."""
+    """Everything that determines the adapters: the data, the LoRA, the alignment's decision phase
+    (``decide``, on replies cut after ``decide_tokens``) and reply phase (``align``, the first
+    ``decision_tokens`` reply tokens weighing ``decision_weight``: see :func:`example_loss`), the
+    fine-tuning stage, the validation curves and the checkpoint rule's numbers."""
 
     data: DataConfig = DataConfig()
     first_layer: int = 14
@@ -121,15 +121,12 @@ class Recipe:
     select_benign_floor: float = 0.90
 
     def __post_init__(self):
-        if self.decide.steps * self.decide.batch_size > self.data.decision_examples:
-            raise ValueError(f"decide: {self.decide.steps} x {self.decide.batch_size} examples asked, "
-                             f"{self.data.decision_examples} made (each is seen once)")
-        if self.align.steps * self.align.batch_size > self.data.align_examples:
-            raise ValueError(f"align: {self.align.steps} x {self.align.batch_size} examples asked, "
-                             f"{self.data.align_examples} made (each is seen once)")
-        if self.finetune.steps * self.finetune.batch_size > self.data.finetune_examples:
-            raise ValueError(f"finetune: {self.finetune.steps} x {self.finetune.batch_size} examples asked, "
-                             f"{self.data.finetune_examples} made (each is seen once)")
+        for name, made in (("decide", self.data.decision_examples), ("align", self.data.align_examples),
+                           ("finetune", self.data.finetune_examples)):
+            stage = getattr(self, name)
+            if stage.steps * stage.batch_size > made:
+                raise ValueError(f"{name}: {stage.steps} x {stage.batch_size} examples asked, {made} made "
+                                 "(each is seen once)")
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
