@@ -4,16 +4,16 @@ greedy validation rates at a few steps.
 Usage: [CANON=1] K=4 LR=1e-3 STEPS=150 EVALS=40,80,150 python docs/research/smollm2_decision_first.py OUT
 (CANON=1: one refusal template and one thought per call kind, no openings, so the reply's second
 token is the decision.)"""
-import os, sys, json, time, dataclasses, random
+import os, sys, json, time, dataclasses
 import numpy as np, torch
 torch.set_num_threads(int(os.environ.get("THREADS", "2")))
 from pathlib import Path
 from sklearn.metrics import roc_auc_score
 from interp.organism.world import World
-from interp.finetune import Example, encode, collate
+from interp.finetune import encode
 from interp.smollm2 import data as sd, train as st
 from interp.smollm2.stages import load_base
-from interp.transcripts import Message, ToolCall
+from smollm2_likelihood import act_and_refusal, reply_logprob
 
 K = int(os.environ.get("K", "6")); LR = float(os.environ.get("LR", "1e-3")); STEPS = int(os.environ.get("STEPS", "150"))
 OUT = Path(sys.argv[1]); OUT.mkdir(parents=True, exist_ok=True)
@@ -28,29 +28,11 @@ if os.environ.get("CANON"):
 else:
     data = sd.align_data(w, sd.DataConfig(episode_share=0.0))
 print(data[0].messages[-1].content, "|", data[1].messages[-1].content, flush=True)
-ex = []
-for t in data:
-    e = encode(t, tok)
-    first = int(np.argmax(e.loss_mask))
-    ex.append(Example(e.input_ids[:first + K], e.loss_mask[:first + K], e.id))
+ex = st.decision_prefix([encode(t, tok) for t in data], K)
 print("examples", len(ex), "mean len", np.mean([len(e) for e in ex]), flush=True)
 val = sd.eval_transcripts(w, "validation", 40, seed=0)
-rng = random.Random(0)
-acts, refs = [], []
-for t, task in zip(val, w.sample("validation", 40, 0)):
-    b = dataclasses.replace(task, harmful=False) if task.harmful else task
-    acts.append(t.with_messages(list(t.messages) + [Message("assistant", sd.first_thought(b, rng), (ToolCall(task.calls[0].name, task.calls[0].arguments, "call_0"),))]))
-    refs.append(t.with_messages(list(t.messages) + [Message("assistant", "I can't help with that.")]))
-y = np.array([not t.labels["harmful"] for t in val])
-def lp(ts):
-    es = [encode(t, tok) for t in ts]; out = []
-    for s in range(0, len(es), 16):
-        b = collate(es[s:s + 16], tok.pad_token_id)
-        with torch.no_grad():
-            lg = pm(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float().log_softmax(-1)
-        ll = lg.gather(-1, b["input_ids"][:, 1:, None])[..., 0] * b["loss_mask"][:, 1:]
-        out += ll.sum(1).tolist()
-    return np.array(out)
+acts, refs, y = act_and_refusal(w, "validation", 40, 0)
+lp = lambda ts: reply_logprob(pm, tok, ts)
 res = {}
 def at(step):
     pm.eval(); t0 = time.time()
