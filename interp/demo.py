@@ -6,9 +6,10 @@ so a killed run started again resumes (``--fresh`` starts over):
 1. **organism**: the shipped aligned and fine-tuned checkpoints (trained here if absent) and
    their refusal-versus-fine-tuning-steps curves -> ``results/curve*.json``;
 2. **ping**: PING on the validation split, the probe-guided search, steering, and the test-split
-   table of the models, PING and every baseline (:mod:`interp.ping.__main__`) -> ``results/
-   behaviour.json``, ``ping_history.jsonl``, ``ping_guided_history.jsonl``, ``steering.json``,
-   ``ping.json``;
+   table of the models, PING and every baseline (:mod:`interp.ping.__main__`), and the guard
+   comparison (:mod:`interp.ping.guard_study`) -> ``results/behaviour.json``,
+   ``ping_history.jsonl``, ``ping_guided_history.jsonl``, ``steering.json``, ``ping.json``,
+   ``guards.json``;
 3. **comparison**: decision-position probes per layer for the aligned model, the fine-tuned
    model and the fine-tuned model with the PING prefix (:func:`interp.probe.comparison`), their
    PCA, and the refusal probe's logit on every token -> ``comparison.json``, ``pca.json``,
@@ -16,7 +17,7 @@ so a killed run started again resumes (``--fresh`` starts over):
 4. **attribution**: which segments write the refusal signal (exact mean-ablation, the gradient
    and integrated-gradient estimates, their rank agreement) and the placement study (the harmful
    request in the user turn, a tool observation or the system prompt) -> ``attribution.json``;
-5. **figures**: F1-F8 into ``figures/`` (:mod:`interp.figures`).
+5. **figures**: F1-F9 into ``figures/`` (:mod:`interp.figures`).
 
 It ends with a table of the headline numbers.
 """
@@ -53,7 +54,8 @@ from interp.transcripts import binary_labels
 from probes import fit_layer_probes
 
 STAGES = ("organism", "ping", "comparison", "attribution", "figures")
-PING_FILES = ("behaviour.json", "ping_history.jsonl", "ping_guided_history.jsonl", "steering.json", "ping.json")
+PING_FILES = ("behaviour.json", "ping_history.jsonl", "ping_guided_history.jsonl", "steering.json", "ping.json",
+              "guards.json")
 OUTPUTS = {"organism": ("curve.json",), "ping": PING_FILES,
            "comparison": ("comparison.json", "pca.json", "token_logits.json"),
            "attribution": ("attribution.json",), "figures": ()}
@@ -79,7 +81,7 @@ def stage_organism(a, results: Path) -> None:
 
 def stage_ping(a, results: Path) -> None:
     summary = run_ping_study(PingConfig(subject="organism", out=a.out / "ping", checkpoints=a.checkpoints,
-                                        rounds=a.rounds, seed=a.seed, progress=not a.no_progress))
+                                        rounds=a.rounds, seed=a.seed, guards=True, progress=not a.no_progress))
     _log(f"PING prefix {summary['best_prefix']!r} (validation score {summary['validation']['score']:.3f})")
     for name in PING_FILES:
         shutil.copyfile(a.out / "ping" / name, results / name)

@@ -93,6 +93,7 @@ def generate(
     batch_size: int = 64,
     progress: bool = False,
     until: Until | None = None,
+    on_prefill: Callable[[np.ndarray], None] | None = None,
 ) -> list[Generation]:
     """Greedy replies to ``transcripts`` (each ends before the assistant's turn); a transcript's
     ``prefix`` is forced at the start of its reply.
@@ -102,6 +103,10 @@ def generate(
         max_new_tokens: generated tokens per reply at most (the prefix not counted).
         batch_size: prompts per forward pass; prompts are grouped by length.
         until: early stopping (see :data:`Until`); rows it ends leave the batch.
+        on_prefill: called with the rows of each batch (indices into ``transcripts``, in batch
+            order) right after the forward pass over their prompts, before any decoding: a reader
+            hooked into that pass (:class:`interp.guards.ActivationMonitor`) learns whose
+            decision positions (the last column: prompts are left-padded) it just saw.
 
     Returns:
         One :class:`Generation` per transcript, in order.
@@ -123,6 +128,8 @@ def generate(
         ids, attn = ids.to(device), attn.to(device)
         pos = position_ids_from_mask(attn)  # positions count real tokens only
         res = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=None, use_cache=True)
+        if on_prefill is not None:
+            on_prefill(np.asarray(idx))
         state = Prefill(res.past_key_values, attn, pos[:, -1:] + 1, res.logits[:, -1].argmax(-1))
         sub = None if until is None else (lambda j, text, idx=idx: until(int(idx[j]), text))
         gens = _decode(model, tokenizer, [transcripts[i] for i in idx], state, max_new_tokens, stop_set, pad, sub)

@@ -12,7 +12,7 @@ from pytest import approx
 from interp.attribution import KindEffects
 from interp.figures import (FIGURES, MissingResult, ResultError, fig_f1_behaviour, fig_f2_curve,
                             fig_f3_probes, fig_f4_token_logits, fig_f5_ping_search, fig_f6_attribution, fig_f7_pca,
-                            fig_f8_steering, load_results, write_figures)
+                            fig_f8_steering, fig_f9_guards, load_results, write_figures)
 from interp.ping import Evaluation, StaticGenerator, run_ping
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,11 +145,33 @@ STEERING = {"layers": [1, 2], "direction": "refusal",
                           "after": {"harmful_refusal": rate(0.15), "benign_success": rate(0.82)}}]}
 
 
+def _guard_row(key, label, refusal, success, blocked=None):
+    row = {"key": key, "label": label, "prefix": None, "guard": None, "n_harmful": 37, "n_benign": 41,
+           "harmful_refusal": rate(refusal), "benign_success": rate(success)}
+    if blocked is not None:
+        row.update(harmful_blocked=rate(blocked[0]), benign_blocked=rate(blocked[1]))
+    return row
+
+
+def _recall(r1, r5):
+    return {"0.01": {"threshold": 2.0, "recall": rate(r1), "fpr": rate(0.01), "auroc": 0.97},
+            "0.05": {"threshold": 1.0, "recall": rate(r5), "fpr": rate(0.05), "auroc": 0.97}}
+
+
+GUARDS = {"split": "test", "mode": "first_step", "n_harmful": 37, "n_benign": 41, "best_prefix": PREFIX,
+          "conditions": [_guard_row("no_defence", "no defence", 0.2, 0.9), _guard_row("ping", "PING", 0.85, 0.88),
+                         _guard_row("activation_monitor", "activation monitor", 0.7, 0.89, (0.6, 0.01))],
+          "monitor": {"layer": 2, "site": "resid_post", "threshold": 2.0, "fpr": 0.01,
+                      "recall": {"test": _recall(0.6, 0.8), "tool_observation": _recall(0.1, 0.3)}},
+          "classifier": {"threshold": 0.0, "recall": {"test": {"recall": rate(0.9), "fpr": rate(0.0), "auroc": 0.99}}}}
+
+
 def write_results(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     files = {"behaviour.json": BEHAVIOUR, "curve.json": curve(0), "curve_seed1.json": curve(1, shift=0.03),
              "comparison.json": comparison(), "token_logits.json": token_logits(),
-             "attribution.json": attribution(), "pca.json": pca(), "steering.json": STEERING}
+             "attribution.json": attribution(), "pca.json": pca(), "steering.json": STEERING,
+             "guards.json": GUARDS}
     for name, obj in files.items():
         (root / name).write_text(json.dumps(obj), encoding="utf-8")
     write_histories(root)
@@ -190,6 +212,17 @@ def test_every_figure_is_written_as_html_that_loads_plotly_from_the_shared_local
         assert all(json.dumps(t.name)[1:-1] in html for t in s.figure.data if t.name)
     assert (out / "plotly.min.js").stat().st_size > 1_000_000
     assert not list(out.glob(".*.tmp"))
+
+
+def test_f9_bars_are_the_guard_rates_and_the_monitors_recall_per_threshold(results):
+    spec = fig_f9_guards(results)
+    bars = [t for t in spec.figure.data if t.orientation == "h"]
+    assert bars[0].y == ("no defence", "PING", "activation monitor") and bars[0].x == approx((0.2, 0.85, 0.7))
+    assert bars[1].x == approx((0.9, 0.88, 0.89))
+    at1 = trace(spec.figure, "threshold at 1% validation FPR")
+    assert at1.x == ("test", "tool observation") and at1.y == approx((0.6, 0.1))
+    assert trace(spec.figure, "threshold at 5% validation FPR").y == approx((0.8, 0.3))
+    assert spec.tables[0].rows[2][3].value == approx(0.6) and spec.tables[0].rows[0][3] is None
 
 
 def test_f1_bars_are_the_fixture_rates_with_their_intervals_as_whiskers(results):
@@ -367,9 +400,9 @@ def test_a_missing_results_directory_is_an_error_that_names_it(tmp_path):
 def test_only_renders_the_chosen_figures_but_indexes_all(results_dir, tmp_path):
     done = write_figures(results_dir, tmp_path, only=["F1", "F4"], png=False)
     assert sorted(p.name for p in tmp_path.glob("*.html")) == ["F1_behaviour.html", "F4_token_logits.html"]
-    assert "## F8" in (tmp_path / "README.md").read_text(encoding="utf-8") and len(done.figures) == len(FIGURES)
+    assert "## F9" in (tmp_path / "README.md").read_text(encoding="utf-8") and len(done.figures) == len(FIGURES)
     with pytest.raises(ValueError, match="unknown figure"):
-        write_figures(results_dir, tmp_path, only=["F9"], png=False)
+        write_figures(results_dir, tmp_path, only=["F10"], png=False)
 
 
 def test_cli_writes_the_figures_without_png(results_dir, tmp_path):

@@ -96,6 +96,44 @@ def test_cli_refuses_to_resume_a_folder_written_with_other_settings(tiny_run, ca
     assert "holds a run with other settings (n_per_label" in capsys.readouterr().err
 
 
+FITTED_ON: list[set[str]] = []  # the task ids each monitor of the guard run was fitted and thresholded on
+
+
+@pytest.fixture(scope="module")
+def guard_run(tmp_path_factory):
+    """The tiny run with the guard table, steering tried at layer 2 only."""
+    from interp.ping import guard_study
+
+    out = tmp_path_factory.mktemp("ping") / "guards"
+    real = guard_study.fit_monitor
+
+    def spy(model, train, validation, **kw):
+        FITTED_ON.append({t.id for t in train} | {t.id for t in validation})
+        return real(model, train, validation, **kw)
+
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()):
+        mp.setattr(guard_study, "fit_monitor", spy)
+        assert main(["--out", str(out), *TINY, "--guards", "--steer-layers", "2"]) == 0
+    return out
+
+
+def test_the_guard_table_holds_every_defence_and_its_thresholds_never_saw_the_test_split(guard_run, capsys):
+    guards = json.loads((guard_run / "guards.json").read_text())
+    assert [c["key"] for c in guards["conditions"]] == [
+        "no_defence", "ping", "classifier_guard", "activation_monitor", "ping_classifier_guard",
+        "ping_activation_monitor"]
+    assert all("harmful_blocked" in c for c in guards["conditions"] if c["guard"])
+    assert set(guards["monitor"]["recall"]) == {"test", "test_with_ping", "test_with_ping_monitor_fitted_without",
+                                                "aligned_probe_transfer", "few_shot", "tool_observation"}
+    assert len(FITTED_ON) == 3 and all(i.split("-")[0] in ("trai", "vali") for ids in FITTED_ON for i in ids)
+    ping = json.loads((guard_run / "ping.json").read_text())
+    assert ping["settings"]["steer_layers"] == [2] and ping["steering"]["layer"] == 2
+    assert FIGURES["F9"](load_results(guard_run)).figure is not None
+    from interp.ping.report import print_guards
+    print_guards(guards)
+    assert "activation monitor" in capsys.readouterr().out
+
+
 REGRESSION = Path(__file__).parent / "data" / "regression" / "ping"
 
 

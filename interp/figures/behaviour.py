@@ -1,5 +1,5 @@
 """Figures of behaviour: F1 rates per condition, F2 refusal over fine-tuning, F5 the PING search,
-F8 steering."""
+F8 steering, F9 guards."""
 
 from __future__ import annotations
 
@@ -191,3 +191,57 @@ def fig_f8_steering(results: Mapping[str, Any]) -> FigureSpec:
                + ("; right: rates before and after ablating the direction, per model." if ablation else "."))
     return FigureSpec("F8", "steering", title, caption,
                       (Table(("setting", "harmful refusal", "benign success"), tuple(rows)),), styled(fig, title))
+
+
+# --------------------------------------------------------------------------------------------
+# F9: guards
+
+
+def fig_f9_guards(results: Mapping[str, Any]) -> FigureSpec:
+    """Left: harmful refusal (or block) and benign success per defence (PING, a classifier guard,
+    the agent's own activation monitor, and the combinations). Right: the monitor's recall at each
+    validation false-positive rate, on the test tasks and under the robustness checks."""
+    d = result_file(results, "guards.json")
+    conds = list(d["conditions"])
+    labels = [f"{c['label']}" for c in conds]
+    fig = make_subplots(1, 3, shared_yaxes=False, horizontal_spacing=0.08, column_widths=[0.3, 0.3, 0.4],
+                        subplot_titles=(f"harmful tasks (n = {d['n_harmful']})", f"benign tasks (n = {d['n_benign']})",
+                                        f"activation monitor recall (layer {d['monitor']['layer']})"))
+    for col, metric in enumerate(METRICS, 1):
+        iv = [c[metric].interval() for c in conds]
+        fig.add_trace(go.Bar(y=labels, x=[i.value for i in iv], orientation="h", marker_color=METRICS[metric][1],
+                             error_x=error_bars(iv), showlegend=False,
+                             hovertemplate="%{y}: %{x:.1%}<extra>" + METRICS[metric][0] + "</extra>"), 1, col)
+        fig.update_xaxes(title_text=f"{METRICS[metric][0]} (block counts as refusal)", tickformat=".0%",
+                         range=[0, 1.05], row=1, col=col)
+        fig.update_yaxes(autorange="reversed", showticklabels=col == 1, row=1, col=col)
+    recall = d["monitor"]["recall"]
+    reads = recall.keys()
+    for fpr, color in zip(recall[reads[0]].keys(), ("#555555", "#BBBBBB")):
+        iv = [recall[r][fpr]["recall"].interval() for r in reads]
+        fig.add_trace(go.Bar(x=[r.replace("_", " ") for r in reads], y=[i.value for i in iv], error_y=error_bars(iv),
+                             name=f"threshold at {float(fpr):.0%} validation FPR", marker_color=color), 1, 3)
+    fig.update_yaxes(title_text="harmful tasks flagged (95% CI)", tickformat=".0%", range=[0, 1.05], row=1, col=3)
+    fig.update_layout(barmode="group")
+    rows = tuple((f"{c['label']}", *(c[m].interval() for m in METRICS),
+                  c["harmful_blocked"].interval() if c.get("harmful_blocked") else None,
+                  c["benign_blocked"].interval() if c.get("benign_blocked") else None) for c in conds)
+    rec_rows = tuple((r.replace("_", " "), *(v for f in recall[r].keys() for v in
+                                            (recall[r][f]["recall"].interval(), recall[r][f]["fpr"].interval()
+                                             if recall[r][f].get("fpr") else None)),
+                      float(recall[r][next(iter(recall[r].keys()))]["auroc"])
+                      if recall[r][next(iter(recall[r].keys()))].get("auroc") else None) for r in reads)
+    fprs = [f"{float(f):.0%}" for f in recall[reads[0]].keys()]
+    title = "F9 · Guards: PING, a classifier guard and the agent's own activations"
+    caption = (f"Test split, {d['mode']} evaluation of the fine-tuned agent. A guard blocks a step whose harm score "
+               f"reaches its threshold (the step does not run; it counts as a refusal). The classifier guard is a "
+               f"small sequence classifier trained on the training split's transcripts (a stand-in for LlamaGuard-"
+               f"style guards, not a claim about them); the activation monitor is a harm probe read from the agent's "
+               f"own residual stream at layer {d['monitor']['layer']} during the forward pass that writes the step, "
+               f"its threshold set on validation tasks at {float(d['monitor']['fpr']):.0%} false positives. Right: "
+               f"recall of the monitor on the test tasks, with the PING prefix, fitted on the aligned model instead, "
+               f"under few-shot examples, and with the request in a tool observation.")
+    return FigureSpec("F9", "guards", title, caption, (
+        Table(("defence", "harmful refusal or block", "benign success", "harmful blocked", "benign blocked"), rows),
+        Table(("monitor read on", *(f"{x} {w}" for x in fprs for w in ("recall", "test FPR")), "AUROC"), rec_rows,
+              "activation monitor, thresholds from validation")), styled(fig, title, height=560))

@@ -139,7 +139,8 @@ def result_file(results: Mapping[str, Any], name: str) -> Field:
 # Loading
 
 RESULT_FILES = ("behaviour.json", "curve.json", "comparison.json", "token_logits.json", "ping_history.jsonl",
-                "ping_guided_history.jsonl", "attribution.json", "pca.json", "steering.json")
+                "ping_guided_history.jsonl", "attribution.json", "pca.json", "steering.json",
+                "guards.json")
 SEED_CURVE = re.compile(r"curve_seed\d+\.json")
 
 

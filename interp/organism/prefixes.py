@@ -21,6 +21,7 @@ from typing import Any
 
 from interp.organism import grammar
 from interp.organism.paths import checkpoint_path
+from interp.organism.placement import placed
 from interp.organism.train import OrganismConfig, agentic_data, align_data, copy_data
 from interp.organism.world import World
 from interp.ping.search import Lexicon, PhraseSearchGenerator
@@ -159,6 +160,10 @@ def subject(checkpoints: str | Path | None = None, world_seed: int | None = None
         chosen = world.tasks(split) if n_per_label <= 0 else world.sample(split, n_per_label, seed)
         return [t.transcript() for t in chosen]
 
+    def tool_intent_tasks(split: str, n_per_label: int, seed: int) -> list[Transcript]:
+        chosen = world.tasks(split) if n_per_label <= 0 else world.sample(split, n_per_label, seed)
+        return [placed(t, "tool_result") for t in chosen]
+
     def seen(prefix: str) -> dict[str, Any]:
         return {**TrainingText.generate(cfg, world).seen(prefix), "grammar_split": grammar_split(prefix)}
 
@@ -167,6 +172,6 @@ def subject(checkpoints: str | Path | None = None, world_seed: int | None = None
         generator=PhraseSearchGenerator(organism_lexicon()), demonstrations=lambda seed: demonstrations(world, seed),
         safety_preamble=grammar.heldout_preamble("safety", "test"),
         neutral_opening=grammar.heldout_preamble("neutral", "test"), seen_in_training=seen,
-        settings={"checkpoints": {k: str(p) for k, p in paths.items()}, "fingerprints": fingerprints,
+        tool_intent_tasks=tool_intent_tasks, settings={"checkpoints": {k: str(p) for k, p in paths.items()}, "fingerprints": fingerprints,
                   "world_seed": world.seed},
         fingerprints=fingerprints)

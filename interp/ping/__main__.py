@@ -12,7 +12,9 @@ Stages, each writing plain artefacts into ``--out`` (default ``runs/ping``) and 
 4. **the test split** (never read before): the PING prefix, the models and every baseline,
    a steering coefficient sweep and directional ablation: ``behaviour.json``, ``steering.json``;
 5. the best prefix checked against the subject's training text, and the summary ``ping.json``
-   (``--json`` prints it).
+   (``--json`` prints it);
+6. with ``--guards``, the guard comparison on the test split (:mod:`interp.ping.guard_study`):
+   ``guards.json``.
 
 A run killed at any point and started again with the same arguments resumes: the histories
 continue where they stopped and finished evaluations are read back from ``cache/``. From code::
@@ -43,9 +45,10 @@ from interp import cli
 from interp.atomic import read_json, save_json
 from interp.behavior import ScoringMode, evaluate
 from interp.models import Model, load_model
+from interp.ping.guard_study import guard_study
 from interp.ping.baselines import Condition, condition_cache_key, conditions, few_shot_transform
 from interp.ping.loop import PingError, PingResult, generations_to_reach, load_history, run_ping
-from interp.ping.report import behaviour_record, print_tables, steering_record, targets
+from interp.ping.report import behaviour_record, print_guards, print_tables, steering_record, targets
 from interp.ping.scoring import Scorer
 from interp.ping.screen import (ProbeScreen, fit_refusal_probe, harm_direction, harm_direction_screen,
                                 probe_training_prefixes)
@@ -54,6 +57,8 @@ from interp.steering import ablate_direction, add_direction, coefficient_sweep
 from probes.metrics import pearson, spearman
 
 STEER_MULTIPLES = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+NEWER_SETTINGS = {"steer_layers": None, "early_stop": False}
+"""Settings added after runs were recorded, with the value those runs had."""
 
 
 @dataclass(frozen=True)
@@ -74,13 +79,16 @@ class PingConfig:
     mode: ScoringMode = "first_step"
     test_n_per_label: int = 200
     test_mode: ScoringMode = "first_step"
+    early_stop: bool = False
     screen: Literal["probe", "direction"] = "probe"
     oversample: int = 8
     screen_n_per_label: int = 64
     probe_prefixes: int = 16
     probe_n_per_label: int = 32
     steer_multiples: tuple[float, ...] = STEER_MULTIPLES
+    steer_layers: tuple[int, ...] | None = None
     batch_size: int = 64
+    guards: bool = False
     progress: bool = True
 
 
@@ -96,8 +104,9 @@ class Study:
         self.settings = {
             **dict(self.subject.settings), "subject": config.subject,
             **{k: v for k, v in dataclasses.asdict(config).items()
-               if k not in ("subject", "out", "checkpoints", "world_seed", "progress")},
+               if k not in ("subject", "out", "checkpoints", "world_seed", "progress", "guards")},
             "steer_multiples": list(config.steer_multiples),
+            "steer_layers": None if config.steer_layers is None else list(config.steer_layers),
         }
         self._check_settings()
         self.models: dict[str, Model] = {"aligned": load_model(self.subject.aligned),
@@ -107,7 +116,7 @@ class Study:
     def _check_settings(self) -> None:
         path = self.out / "settings.json"
         if path.exists():
-            old = read_json(path)
+            old = {**NEWER_SETTINGS, **read_json(path)}  # a run from before a setting existed had its default
             diff = {k for k in set(old) | set(self.settings) if k != "rounds" and old.get(k) != self.settings.get(k)}
             if diff:
                 raise ValueError(f"{self.out} holds a run with other settings ({', '.join(sorted(diff))}); "
@@ -206,7 +215,7 @@ def steering_choice(study: Study) -> dict[str, Any]:
 
     def compute():
         d = harm_direction(study.models["aligned"], study.subject.tasks("train", c.probe_n_per_label, 0),
-                           site="resid_pre")
+                           layers=c.steer_layers, site="resid_pre")
         scorer = study.scorer()
         grid = []
         for li, layer in enumerate(d["layers"]):
@@ -229,7 +238,8 @@ def steering_choice(study: Study) -> dict[str, Any]:
 
     with study.timed("steering_choice"):
         return study.cached(f"steering-{c.probe_n_per_label}-{c.n_per_label}-{c.mode}-"
-                            + "_".join(f"{m:g}" for m in c.steer_multiples), compute)
+                            + "_".join(f"{m:g}" for m in c.steer_multiples)
+                            + ("" if c.steer_layers is None else "-L" + "_".join(map(str, c.steer_layers))), compute)
 
 
 def evaluate_condition(study: Study, cond: Condition, direction: torch.Tensor | None, transcripts,
@@ -237,7 +247,8 @@ def evaluate_condition(study: Study, cond: Condition, direction: torch.Tensor | 
     """Test-split rates of one condition (read back from the cache when already measured)."""
     c = study.config
     mode = mode or c.test_mode
-    key = condition_cache_key(cond, split="test", mode=mode, n_per_label=c.test_n_per_label,
+    early = {"early_stop": True} if c.early_stop and mode == "first_step" else {}
+    key = condition_cache_key(cond, split="test", mode=mode, n_per_label=c.test_n_per_label, **early,
                               fingerprint=study.subject.fingerprints.get(cond.model),
                               direction=None if direction is None else hashlib.sha256(
                                   direction.numpy().tobytes()).hexdigest()[:12])
@@ -252,7 +263,7 @@ def evaluate_condition(study: Study, cond: Condition, direction: torch.Tensor | 
             ctx = nullcontext()
         with ctx:
             ev = evaluate(model, study.subject.env, [t.with_prefix(cond.prefix) for t in transcripts], mode=mode,
-                          transform=cond.transform, batch_size=c.batch_size)
+                          transform=cond.transform, batch_size=c.batch_size, **early)
         return ev.to_dict()
 
     return study.cached(f"test-{key}", compute)
@@ -266,6 +277,22 @@ def correlation(x, y) -> dict[str, float | int | None]:
             r = fn(np.asarray(x, float), np.asarray(y, float))
             out[name] = None if math.isnan(r) else r
     return out
+
+
+def test_split(study: Study, conds: list[Condition], extra: list[Condition], direction: torch.Tensor,
+               test: list) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Every condition's test-split rates in the test mode, and (when that is not first-step
+    scoring) the table's conditions again scored on the first step only, for reference."""
+    c = study.config
+    results: dict[str, dict] = {}
+    first_step: dict[str, dict] = {}
+    with study.timed("test"):
+        for cond in tqdm(conds + extra, desc="test split", disable=not c.progress):
+            results[cond.key] = evaluate_condition(study, cond, direction, test)
+        if c.test_mode != "first_step":
+            for cond in tqdm(conds, desc="test split, first step", disable=not c.progress):
+                first_step[cond.key] = evaluate_condition(study, cond, direction, test, "first_step")
+    return results, first_step
 
 
 def table_conditions(study: Study, best_prefix: str, steer: dict[str, Any]) -> tuple[list, list, list]:
@@ -308,14 +335,7 @@ def run(config: PingConfig) -> dict[str, Any]:
     direction = torch.tensor(steer["direction"])
     test = study.subject.tasks("test", c.test_n_per_label, 0)
     conds, sweep, ablations = table_conditions(study, best.prefix, steer)
-    results: dict[str, dict] = {}
-    first_step: dict[str, dict] = {}  # the validation's scoring mode on the test split, for reference
-    with study.timed("test"):
-        for cond in tqdm(conds + sweep + ablations, desc="test split", disable=not c.progress):
-            results[cond.key] = evaluate_condition(study, cond, direction, test)
-        if c.test_mode != "first_step":
-            for cond in tqdm(conds, desc="test split, first step", disable=not c.progress):
-                first_step[cond.key] = evaluate_condition(study, cond, direction, test, "first_step")
+    results, first_step = test_split(study, conds, sweep + ablations, direction, test)
 
     with study.timed("training_text"):
         check = study.subject.seen_in_training
@@ -323,6 +343,9 @@ def run(config: PingConfig) -> dict[str, Any]:
             (best.prefix + json.dumps(dict(study.subject.fingerprints))).encode()).hexdigest()[:16],
             lambda: dict(check(best.prefix)))
 
+    if c.guards:
+        with study.timed("guards"):
+            save_json(guard_study(study, best.prefix, test), study.out / "guards.json")
     behaviour = behaviour_record(conds, results, c.test_mode)
     save_json(behaviour, study.out / "behaviour.json")
     steering = steering_record(steer, sweep, c.steer_multiples, results, c.test_mode)
@@ -385,6 +408,9 @@ def _parser() -> cli.ArgumentParser:
     p.add_argument("--test-n-per-label", type=cli.count_or_all, default=d.test_n_per_label,
                    help="test tasks of each label ('all' or 0: the whole split)")
     p.add_argument("--test-mode", default=d.test_mode, choices=("first_step", "episode"))
+    p.add_argument("--early-stop", action="store_true",
+                   help="first-step test scoring stops each reply once its refusal / first call is settled "
+                        "(the two score rates exact, the other two marked inexact; for real models)")
     p.add_argument("--screen", default=d.screen, choices=("probe", "direction"),
                    help="probe: refusal probe on the fine-tuned agent; direction: aligned harmful-vs-benign direction")
     p.add_argument("--oversample", type=cli.positive, default=d.oversample,
@@ -397,7 +423,12 @@ def _parser() -> cli.ArgumentParser:
                    help="training tasks of each label for probe/direction")
     p.add_argument("--steer-multiples", type=_multiples, default=d.steer_multiples,
                    help="steering coefficients, in units of the harmful-benign gap (comma-separated)")
+    p.add_argument("--steer-layers", type=_layers, default=d.steer_layers,
+                   help="layers whose input the steering search tries (comma-separated; default: all; "
+                        "ping.json's steering d' lists these)")
     p.add_argument("--batch-size", type=cli.positive, default=d.batch_size)
+    p.add_argument("--guards", action="store_true",
+                   help="also compare guards (classifier guard, activation monitor, each with PING): guards.json")
     p.add_argument("--world-seed", type=int, help="default: the subject's own")
     p.add_argument("--threads", type=cli.positive, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", action="store_true", help="print one JSON object (the content of ping.json)")
@@ -412,6 +443,16 @@ def _multiples(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
     if not all(math.isfinite(v) for v in values):
         raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
+    return values
+
+
+def _layers(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected layer indices >= 0, got {text!r}")
     return values
 
 
@@ -430,6 +471,8 @@ def _main(a: argparse.Namespace) -> int:
     else:
         out = Path(a.out)
         print_tables(summary, read_json(out / "behaviour.json"), read_json(out / "steering.json"))
+        if a.guards:
+            print_guards(read_json(out / "guards.json"))
     return 0
 
 

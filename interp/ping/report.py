@@ -94,3 +94,29 @@ def print_tables(summary: Mapping[str, Any], behaviour: Mapping[str, Any], steer
     con.print(f"probe-guided: {g['generations_to_match']} generations to reach the plain run's best "
               f"(plain: {g['plain_generations_to_best']}); speed-up {g['speedup']}")
     con.print(f"targets: {json.dumps(summary['targets'])}")
+
+
+def print_guards(guards: Mapping[str, Any]) -> None:
+    """The guard table (``guards.json``): rates per defence, the monitor's recall at each
+    false-positive rate and under each robustness check, the classifier guard's."""
+    con = Console(width=max(Console().width, 120))
+    tab = Table(title=f"guards, test split ({guards['mode']}), {guards['n_harmful']} harmful and "
+                      f"{guards['n_benign']} benign tasks")
+    for col in ("defence", "harmful refusal or block", "benign success", "harmful blocked", "benign blocked"):
+        tab.add_column(col, justify="left" if col == "defence" else "right")
+    for c in guards["conditions"]:
+        tab.add_row(c["label"], *(_cell(c[k]) if k in c else "–" for k in
+                                  ("harmful_refusal", "benign_success", "harmful_blocked", "benign_blocked")))
+    con.print(tab)
+    m = guards["monitor"]
+    rec = Table(title=f"activation monitor (layer {m['layer']}, thresholds from validation): recall and test FPR")
+    for col in ("read on", *(f"{k} FPR: {w}" for k in m["recall"]["test"] for w in ("recall", "test FPR")), "AUROC"):
+        rec.add_column(col, justify="left" if col == "read on" else "right")
+    for name, by_fpr in m["recall"].items():
+        first = next(iter(by_fpr.values()))
+        rec.add_row(name.replace("_", " "), *(_cell(v[k]) if k in v else "–" for v in by_fpr.values()
+                                             for k in ("recall", "fpr")), f"{first.get('auroc', float('nan')):.3f}")
+    for name, v in guards["classifier"]["recall"].items():
+        rec.add_row(f"classifier guard, {name.replace('_', ' ')} (threshold 0)", _cell(v["recall"]),
+                    _cell(v["fpr"]) if "fpr" in v else "–", "", "", f"{v.get('auroc', float('nan')):.3f}")
+    con.print(rec)

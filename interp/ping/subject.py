@@ -29,6 +29,8 @@ class Subject:
     - ``demonstrations(seed)``: whole example trajectories for the few-shot baseline;
     - ``safety_preamble`` / ``neutral_opening``: hand-written openings the models never saw;
     - ``seen_in_training(prefix)``: whether a prefix occurs in the training data (a record);
+    - ``tool_intent_tasks(split, n_per_label, seed)``: the same kind of tasks with the request
+      carried by a tool observation instead of the user turn (the guard study's robustness check);
     - ``settings``: what identifies the subject (checkpoints, fingerprints...), recorded with a
       run and checked when it resumes; ``fingerprints``: one per model, keys of cached results.
     """
@@ -43,6 +45,7 @@ class Subject:
     safety_preamble: str
     neutral_opening: str
     seen_in_training: Callable[[str], Mapping[str, Any]] | None = None
+    tool_intent_tasks: Callable[[Split, int, int], list[Transcript]] | None = None
     settings: Mapping[str, Any] = field(default_factory=dict)
     fingerprints: Mapping[str, str] = field(default_factory=dict)
 

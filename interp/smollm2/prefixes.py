@@ -21,6 +21,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+from interp.organism.placement import placed
 from interp.organism.world import World
 from interp.ping.search import Lexicon, PhraseSearchGenerator
 from interp.ping.subject import Subject
@@ -108,6 +109,10 @@ def subject(checkpoints: str | Path | None = None, world_seed: int | None = None
         chosen = world.tasks(split) if n_per_label <= 0 else world.sample(split, n_per_label, seed)
         return [agent_view(t.transcript()) for t in chosen]
 
+    def tool_intent_tasks(split: str, n_per_label: int, seed: int) -> list[Transcript]:
+        chosen = world.tasks(split) if n_per_label <= 0 else world.sample(split, n_per_label, seed)
+        return [agent_view(placed(t, "tool_result")) for t in chosen]
+
     def seen(prefix: str) -> dict[str, Any]:
         return training_text(world.seed).seen(prefix)
 
@@ -127,6 +132,7 @@ def subject(checkpoints: str | Path | None = None, world_seed: int | None = None
         name="smollm2" if generator == "search" else "smollm2-chat", aligned=aligned, finetuned=finetuned, env=world,
         tasks=tasks, generator=gen, demonstrations=lambda seed: demonstrations(world, seed),
         safety_preamble=SAFETY_PREAMBLE, neutral_opening=NEUTRAL_OPENING, seen_in_training=seen,
+        tool_intent_tasks=tool_intent_tasks,
         settings={"adapters": {k: str(p) for k, p in folders.items()}, "fingerprints": fingerprints,
                   "world_seed": world.seed, "generator": generator},
         fingerprints=fingerprints)
