@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from interp.atomic import atomic_dir, save_json
-from interp.cache import cache_prefixed
+from interp.cache import cache_prefixed, pad_batch
 from interp.models import Model, Site, position_ids_from_mask
 from interp.transcripts import Message, Transcript, binary_labels
 from probes import auroc, fit_layer_probes, threshold_for
@@ -164,9 +164,7 @@ class ClassifierGuard:
         out = np.empty(len(texts))
         for s in range(0, len(texts), self.batch_size):
             rows = texts[s:s + self.batch_size]
-            width = max(len(r) for r in rows)
-            ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])  # left-padded
-            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+            ids, mask, _ = pad_batch(rows, pad, "left")
             logits = self.hf_model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
             last = logits if seq else logits[:, -1]
             out[s:s + len(rows)] = (last[:, pick[0]] - last[:, pick[1]]).float().numpy()
@@ -214,9 +212,7 @@ def train_classifier_guard(tokenizer: Any, transcripts: Sequence[Transcript], ou
     model.train()
     for _ in range(steps):
         rows = rng.choice(len(texts), size=min(batch_size, len(texts)), replace=False)
-        w = max(len(texts[i]) for i in rows)
-        ids = torch.tensor([[pad] * (w - len(texts[i])) + texts[i] for i in rows])
-        mask = torch.tensor([[0] * (w - len(texts[i])) + [1] * len(texts[i]) for i in rows])
+        ids, mask, _ = pad_batch([texts[i] for i in rows], pad, "left")
         loss = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                      labels=labels[rows]).loss
         opt.zero_grad()
