@@ -12,6 +12,7 @@ blocks when it has them (``return_assistant_tokens_mask``), else from the segmen
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from interp.atomic import atomic_dir, save_json
+from interp.atomic import atomic_dir, read_json, save_json
 from interp.transcripts import KIND_INDEX, Transcript, TranscriptError, render
 
 END_OF_TURN_TOKENS = ("<|end|>", "<|eot_id|>", "<|im_end|>", "<end_of_turn>", "<|end_of_text|>", "<|endoftext|>")
@@ -265,6 +266,7 @@ def finetune(
     callback_steps: Sequence[int] = (),
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 0,
+    resume: bool = False,
     progress: bool = True,
     desc: str = "finetune",
 ) -> FinetuneResult:
@@ -277,7 +279,11 @@ def finetune(
         callback: called as ``callback(step, model)`` after ``step`` updates for every step in
             ``callback_steps`` (0: before training), with the model in eval mode.
         checkpoint_dir: with ``checkpoint_every > 0``, a checkpoint ``step-NNNNN`` is saved there
-            every that many updates (:func:`save_checkpoint`).
+            every that many updates (:func:`save_checkpoint`), with the trainer's state
+            (trainable weights, optimiser, losses: ``trainer_state.pt``) beside the weights.
+        resume: continue from the latest checkpoint in ``checkpoint_dir`` that has a trainer
+            state (none: start from step 0); the batches drawn and the updates equal an
+            uninterrupted run's.
 
     Returns:
         A :class:`FinetuneResult`; the model is trained in place (wrapped when LoRA).
@@ -291,13 +297,7 @@ def finetune(
     if pad_id is None:
         raise ValueError("the tokenizer has neither a pad nor an eos token to pad batches with")
     torch.manual_seed(config.seed)
-    if config.lora_rank:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(
-            r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-            target_modules=config.lora_target_modules if isinstance(config.lora_target_modules, str)
-            else list(config.lora_target_modules), task_type="CAUSAL_LM"))
+    model = _with_lora(model, config)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     rng = np.random.default_rng(config.seed)
@@ -310,10 +310,12 @@ def finetune(
             with torch.no_grad():
                 callback(step, model)
 
-    losses: list[float] = []
+    start, losses = _resume(model, opt, Path(checkpoint_dir), config, batches) if resume and checkpoint_dir else (0, [])
     t0 = time.time()
-    call_back(0)
-    bar = tqdm(range(config.steps), desc=desc, disable=not progress, dynamic_ncols=True)
+    if start == 0:
+        call_back(0)
+    bar = tqdm(range(start, config.steps), desc=desc, disable=not progress, dynamic_ncols=True,
+               initial=start, total=config.steps)
     for step in bar:
         model.train()
         for g in opt.param_groups:
@@ -328,8 +330,7 @@ def finetune(
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if checkpoint_dir is not None and checkpoint_every and (step + 1) % checkpoint_every == 0:
-            save_checkpoint(model, tokenizer, Path(checkpoint_dir) / f"step-{step + 1:05d}",
-                            {"step": step + 1, "config": asdict(config)})
+            _save_state(model, tokenizer, opt, losses, config, Path(checkpoint_dir))
         call_back(step + 1)
     model.eval()
     return FinetuneResult(model, tuple(losses), time.time() - t0)
@@ -339,10 +340,12 @@ def finetune(
 # Files
 
 
-def save_checkpoint(model: Any, tokenizer: Any, path: str | Path, metadata: Mapping[str, Any] | None = None) -> Path:
+def save_checkpoint(model: Any, tokenizer: Any, path: str | Path, metadata: Mapping[str, Any] | None = None,
+                    trainer_state: Mapping[str, Any] | None = None) -> Path:
     """``save_pretrained`` (safetensors) the model and tokenizer into ``path`` atomically: written
     to a temporary folder beside it, then renamed over any previous checkpoint there.
-    ``metadata`` goes to ``training.json`` in the checkpoint."""
+    ``metadata`` goes to ``training.json`` in the checkpoint, ``trainer_state`` (what
+    :func:`finetune` resumes from) to ``trainer_state.pt``."""
     path = Path(path)
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp)
@@ -350,4 +353,59 @@ def save_checkpoint(model: Any, tokenizer: Any, path: str | Path, metadata: Mapp
             tokenizer.save_pretrained(tmp)
         if metadata is not None:
             save_json(dict(metadata), tmp / "training.json")
+        if trainer_state is not None:
+            torch.save(dict(trainer_state), tmp / TRAINER_STATE)
     return path
+
+
+TRAINER_STATE = "trainer_state.pt"
+
+
+def _with_lora(model: Any, config: FinetuneConfig) -> Any:
+    """``model`` wrapped with the LoRA adapters ``config`` asks for (as it is without)."""
+    if not config.lora_rank:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(
+        r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        target_modules=config.lora_target_modules if isinstance(config.lora_target_modules, str)
+        else list(config.lora_target_modules), task_type="CAUSAL_LM"))
+
+
+def _save_state(model: Any, tokenizer: Any, opt: torch.optim.Optimizer, losses: list[float], config: FinetuneConfig,
+                checkpoint_dir: Path) -> None:
+    """The checkpoint after ``len(losses)`` updates, with what :func:`_resume` needs."""
+    step = len(losses)
+    trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    save_checkpoint(model, tokenizer, checkpoint_dir / f"step-{step:05d}", {"step": step, "config": asdict(config)},
+                    {"model": trainable, "optimizer": opt.state_dict(), "losses": losses, "step": step,
+                     "torch_rng": torch.get_rng_state()})
+
+
+def _resume(model: Any, opt: torch.optim.Optimizer, checkpoint_dir: Path, config: FinetuneConfig,
+            batches: Iterator[np.ndarray]) -> tuple[int, list[float]]:
+    """Load the latest trainer state under ``checkpoint_dir`` into ``model`` and ``opt`` and draw
+    the batches the interrupted run drew: (its step, the losses so far); (0, []) when there is
+    none. A state of another configuration is refused."""
+    done = sorted(checkpoint_dir.glob(f"step-*/{TRAINER_STATE}"))
+    if not done:
+        return 0, []
+    meta = read_json(done[-1].parent / "training.json")
+    if meta.get("config") != json.loads(json.dumps(asdict(config))):
+        raise ValueError(f"{done[-1].parent}: a checkpoint of another training configuration; resume with the "
+                         "same one, or start in an empty folder")
+    try:
+        state = torch.load(done[-1], weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        raise ValueError(f"{done[-1]}: unreadable trainer state ({e}); delete that checkpoint folder to resume "
+                         "from the one before it") from None
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state["model"].items():
+            params[name].copy_(value)
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    for _ in range(int(state["step"])):
+        next(batches)
+    return int(state["step"]), list(state["losses"])

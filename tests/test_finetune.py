@@ -138,3 +138,25 @@ def test_checkpoints_are_safetensors_and_replace_the_old_one(tmp_path, tiny_llam
     assert '"step": 2' in (target / "training.json").read_text()
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["ckpt"]  # no temporary folders left
     assert AutoModelForCausalLM.from_pretrained(target).config.hidden_size == 32
+
+
+@pytest.mark.parametrize("lora", [0, 4])
+def test_an_interrupted_run_resumed_from_its_checkpoint_equals_an_uninterrupted_one(tmp_path, lora):
+    data = [_agent(), _agent(call_cmd="ls"), _agent(call_cmd="pwd", answer=False)]
+    cfg = FinetuneConfig(steps=6, batch_size=2, seed=1, lr=1e-2, warmup_steps=2, lora_rank=lora, lora_dropout=0.1)
+
+    def trained(folder, **kw):
+        model, tok = make_model("llama", tmp_path / folder, n_layers=1, d_model=16)
+        res = finetune(model, data, tok, kw.pop("config", cfg), progress=False, **kw)
+        return res, {n: p.detach().clone() for n, p in res.model.named_parameters()}
+
+    whole, want = trained("whole")
+    trained("half", config=FinetuneConfig(**{**cfg.__dict__, "steps": 6}), checkpoint_dir=tmp_path / "ck",
+            checkpoint_every=4)  # the run "dies" after the checkpoint at step 4: keep only that one
+    resumed, got = trained("resumed", checkpoint_dir=tmp_path / "ck", resume=True)
+    assert resumed.losses == whole.losses and len(resumed.losses) == 6
+    for n in want:
+        assert torch.equal(got[n], want[n]), n
+    with pytest.raises(ValueError, match="another training configuration"):
+        trained("other", config=FinetuneConfig(steps=6, batch_size=2, seed=2, lora_rank=lora),
+                checkpoint_dir=tmp_path / "ck", resume=True)
