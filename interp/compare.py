@@ -64,7 +64,8 @@ class Comparison:
     layers: list[dict]
     prefix_tokens: list[str]
     prefix_logits: list[dict]  # per layer: {"layer", "positions": [{"token", "value", "low", "high"}]}
-    logit_probe: str  # "refusal" (behaviour-labelled) or "harmful" when no behaviour was given
+    logit_probe: str  # "refusal" (behaviour-labelled), "aligned refusal" (the aligned model's for every
+    # condition: the fine-tuned model's behaviour had one class) or "harmful" (no behaviour given)
     n_train: int
     n_test: int
     meta: Mapping[str, Any] = field(default_factory=dict)
@@ -284,6 +285,10 @@ def _logit_probes(X, refused, probes, train, test, groups, fit) -> tuple[str, di
         if len(np.unique(te_y)) == 2:
             summary = _acc_auroc(ft_probe.decision_function(te_rows), te_y)
             summary["n"] = int(len(te_y))
+    if ft_probe is None and aligned_probe is not None:
+        warnings.warn("the fine-tuned model's refusal labels (with and without the prefix) have a single class; "
+                      "every condition's decision logits use the aligned model's refusal probe", stacklevel=3)
+        return "aligned refusal", dict.fromkeys(CONDITIONS, aligned_probe), summary
     if aligned_probe is None or ft_probe is None:
         warnings.warn("refusal labels have a single class in some condition; its decision logits use the "
                       "harmful probe instead", stacklevel=3)

@@ -82,3 +82,19 @@ def test_token_logits_cover_every_token_and_match_the_probe(setup):
     assert len(rec["tokens"]) == len(rec["kinds"]) == len(rec["logits"])
     last = cache_activations(aligned, ts[:1], layers=[2], positions="decision", progress=False).acts[0, 0]
     assert rec["logits"][-1] == pytest.approx(float(last.double() @ torch.as_tensor(coef)) + intercept, rel=1e-6)
+
+
+def test_a_finetuned_model_that_never_refuses_is_read_with_the_aligned_refusal_probe(setup):
+    aligned, finetuned, ts, harmful, groups = setup
+    acts = cache_conditions(aligned, finetuned, ts, PREFIX, progress=False)
+    refused = {"aligned": harmful.copy(), "finetuned": np.zeros(16, bool), "prefix": np.zeros(16, bool)}
+    with pytest.warns(UserWarning, match="aligned model's refusal probe"):
+        res = compare(acts, harmful, groups, refused, C=1.0, test_size=0.5)
+    assert res.logit_probe == "aligned refusal"
+    probe = res.probes["logit_aligned"]
+    assert res.probes["logit_finetuned"] is probe and res.probes["logit_prefix"] is probe
+    rec = res.layer(1)
+    X = acts["finetuned"].where(selector="decision").stack().float()
+    test_h = [i for i in res.split[1] if harmful[i]]
+    want = probe.decision_function(X[test_h])[:, list(probe.layers_).index(1)].mean()
+    assert rec["decision_logit"]["finetuned"]["value"] == pytest.approx(float(want), rel=1e-5)
