@@ -40,16 +40,28 @@ Example::
     a.effects                                                         # [n_segments, n_layers]
     table = kind_effects(segment_attributions(model, harmful, metric, baseline=mean))
     agreement = rank_agreement(exact_results, grad_results)           # Spearman over segments
+
+How segments *combine* (pairwise and higher-order interaction terms, exact or estimated, and
+whether a planted connection is recovered) is :mod:`interp.attribution.interactions` and
+:mod:`interp.attribution.recovery`::
+
+    x = segment_interaction(model, transcript, metric, baseline=null_twin, exclude=("template",))
+    x.ranked(layer=0)[:3]                                             # the strongest pairs
 """
 
 from interp.attribution.engine import SITE, Metric, Patches, mean_residual, metric_gradients, patched_metric
+from interp.attribution.interactions import (INTERACTION_METHODS, InteractionMethod, SegmentInteractions,
+                                             segment_interaction, segment_interactions)
+from interp.attribution.recovery import Recovery, pair_agreement, planted_of, planted_rank, recovery
 from interp.attribution.segments import (METHODS, AttributionSegment, Method, SegmentAttribution,
                                          segment_attribution, segment_attributions)
 from interp.attribution.tables import KindEffects, RankAgreement, kind_effects, rank_agreement
 from interp.readouts import DirectionProjection, LogitDiff, ProbeLogit
 
 __all__ = [
-    "METHODS", "SITE", "AttributionSegment", "DirectionProjection", "KindEffects", "LogitDiff", "Method", "Metric",
-    "Patches", "ProbeLogit", "RankAgreement", "SegmentAttribution", "kind_effects", "mean_residual",
-    "metric_gradients", "patched_metric", "rank_agreement", "segment_attribution", "segment_attributions",
+    "INTERACTION_METHODS", "METHODS", "SITE", "AttributionSegment", "DirectionProjection", "InteractionMethod",
+    "KindEffects", "LogitDiff", "Method", "Metric", "Patches", "ProbeLogit", "RankAgreement", "Recovery",
+    "SegmentAttribution", "SegmentInteractions", "kind_effects", "mean_residual", "metric_gradients", "pair_agreement",
+    "patched_metric", "planted_of", "planted_rank", "rank_agreement", "recovery", "segment_attribution",
+    "segment_attributions", "segment_interaction", "segment_interactions",
 ]
