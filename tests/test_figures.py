@@ -12,7 +12,7 @@ from pytest import approx
 from interp.attribution import KindEffects
 from interp.figures import (FIGURES, MissingResult, ResultError, fig_f1_behaviour, fig_f2_curve,
                             fig_f3_probes, fig_f4_token_logits, fig_f5_ping_search, fig_f6_attribution, fig_f7_pca,
-                            fig_f8_steering, fig_f9_guards, load_results, write_figures)
+                            fig_f8_steering, fig_f9_guards, fig_f10_interactions, load_results, write_figures)
 from interp.ping import Evaluation, StaticGenerator, run_ping
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,12 +166,33 @@ GUARDS = {"split": "test", "mode": "first_step", "n_harmful": 37, "n_benign": 41
           "classifier": {"threshold": 0.0, "recall": {"test": {"recall": rate(0.9), "fpr": rate(0.0), "auroc": 0.99}}}}
 
 
+def interactions() -> dict:
+    """What interp.organism.variant.interaction_recovery writes, from hand-made interaction records."""
+    from interp.attribution import AttributionSegment, SegmentInteractions, pair_agreement, recovery
+
+    kinds = ("system", "user", "tool_call", "tool_result")
+    segs = tuple(AttributionSegment(f"{k}[{i}]", k, ((10 * i, 10 * i + 5),)) for i, k in enumerate(kinds))
+    terms = tuple((i,) for i in range(4)) + tuple((i, j) for i in range(4) for j in range(i + 1, 4))
+
+    def record(tid, pair_values):  # layers 0 and 1; the planted pair is (1, 3): user × tool_result
+        vals = np.asarray([[0.1, 0.1]] * 4 + [pair_values.get(t, [0.0, 0.0]) for t in terms[4:]])
+        return SegmentInteractions(tid, {}, segs, (0, 0, 1, 1), (0, 1, 2, 3), (0, 1), terms, vals, 2.0,
+                                   np.ones(2), 40, "logit_diff[1-2]", "raw", "exact", "mean", 2)
+
+    exact = [record("a", {(1, 3): [2.0, 0.5], (0, 1): [0.3, 0.9]}), record("b", {(1, 3): [1.0, 0.0], (0, 2): [-0.5, 0.2]})]
+    planted = [["user[1]", "tool_result[3]"]] * 2
+    pair = {"n": 2, "planted": [{"act": "user[1]", "target": "tool_result[3]"}] * 2,
+            "exact": recovery(exact, planted).to_dict(), "example": exact[0].to_dict(),
+            "grad": recovery(exact[::-1], planted).to_dict(), "grad_agreement": pair_agreement(exact, exact)}
+    return {"split": "test", "n_per_kind": 1, "metric": "logit_diff[1-2]", "baseline": "mean", "kinds": {"pair": pair}}
+
+
 def write_results(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     files = {"behaviour.json": BEHAVIOUR, "curve.json": curve(0), "curve_seed1.json": curve(1, shift=0.03),
              "comparison.json": comparison(), "token_logits.json": token_logits(),
              "attribution.json": attribution(), "pca.json": pca(), "steering.json": STEERING,
-             "guards.json": GUARDS}
+             "guards.json": GUARDS, "interactions.json": interactions()}
     for name, obj in files.items():
         (root / name).write_text(json.dumps(obj), encoding="utf-8")
     write_histories(root)
@@ -212,6 +233,20 @@ def test_every_figure_is_written_as_html_that_loads_plotly_from_the_shared_local
         assert all(json.dumps(t.name)[1:-1] in html for t in s.figure.data if t.name)
     assert (out / "plotly.min.js").stat().st_size > 1_000_000
     assert not list(out.glob(".*.tmp"))
+
+
+def test_f10_plots_the_planted_pair_recovery_and_draws_an_arc_per_nonzero_pair(results):
+    spec = fig_f10_interactions(results)
+    rows = {(r[0], r[1], r[2]): r for r in spec.tables[0].rows}
+    assert rows[("pair", "exact", 0)][3].value == 1.0 and rows[("pair", "exact", 1)][3].value == 0.0
+    # layer 1: in "a" (0, 1) outranks the planted pair (rank 2); in "b" it is 0, below (0, 2) and tied with
+    # the four zero pairs, ties counting against it (rank 6)
+    assert rows[("pair", "exact", 1)][4] == approx(4.0)
+    lines = [t for t in spec.figure.data if t.xaxis == "x"]
+    assert [list(t.y) for t in lines] == [[1.0, 0.0], [1.0, 0.0]]
+    arcs = [t for t in spec.figure.data if t.xaxis == "x2" and t.mode == "lines"]
+    assert len(arcs) == 2  # layer 0 (exact recovery best there): the planted pair and (0, 1)
+    assert max(arcs, key=lambda t: t.line.width).hovertemplate.startswith("user[1] × tool_result[3]: I = 2.000")
 
 
 def test_f9_bars_are_the_guard_rates_and_the_monitors_recall_per_threshold(results):
@@ -402,7 +437,7 @@ def test_only_renders_the_chosen_figures_but_indexes_all(results_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.html")) == ["F1_behaviour.html", "F4_token_logits.html"]
     assert "## F9" in (tmp_path / "README.md").read_text(encoding="utf-8") and len(done.figures) == len(FIGURES)
     with pytest.raises(ValueError, match="unknown figure"):
-        write_figures(results_dir, tmp_path, only=["F10"], png=False)
+        write_figures(results_dir, tmp_path, only=["F11"], png=False)
 
 
 def test_cli_writes_the_figures_without_png(results_dir, tmp_path):

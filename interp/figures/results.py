@@ -140,7 +140,7 @@ def result_file(results: Mapping[str, Any], name: str) -> Field:
 
 RESULT_FILES = ("behaviour.json", "curve.json", "comparison.json", "token_logits.json", "ping_history.jsonl",
                 "ping_guided_history.jsonl", "attribution.json", "pca.json", "steering.json",
-                "guards.json")
+                "guards.json", "interactions.json")
 SEED_CURVE = re.compile(r"curve_seed\d+\.json")
 
 

@@ -17,6 +17,7 @@ from plotly.offline import get_plotlyjs
 from interp.atomic import atomic_path, write_text
 from interp.figures.behaviour import (fig_f1_behaviour, fig_f2_curve, fig_f5_ping_search, fig_f8_steering,
                                       fig_f9_guards)
+from interp.figures.interactions import fig_f10_interactions
 from interp.figures.internals import fig_f3_probes, fig_f4_token_logits, fig_f6_attribution, fig_f7_pca
 from interp.figures.results import FigureSpec, MissingResult, ResultError, load_results
 from interp.figures.style import HEIGHT, WIDTH
@@ -24,7 +25,7 @@ from interp.figures.style import HEIGHT, WIDTH
 FIGURES: dict[str, Callable[[Mapping[str, Any]], FigureSpec]] = {
     "F1": fig_f1_behaviour, "F2": fig_f2_curve, "F3": fig_f3_probes, "F4": fig_f4_token_logits,
     "F5": fig_f5_ping_search, "F6": fig_f6_attribution, "F7": fig_f7_pca, "F8": fig_f8_steering,
-    "F9": fig_f9_guards,
+    "F9": fig_f9_guards, "F10": fig_f10_interactions,
 }
 
 
