@@ -25,8 +25,9 @@ def kernel():
     return KERNEL
 
 
-def test_there_are_three_notebooks():
-    assert [p.stem for p in NOTEBOOKS] == ["01_quickstart", "02_where_ping_shifts", "03_bring_your_own_model"]
+def test_there_are_four_notebooks():
+    assert [p.stem for p in NOTEBOOKS] == ["01_quickstart", "02_where_ping_shifts", "03_bring_your_own_model",
+                                           "04_remote_connections"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
