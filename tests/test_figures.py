@@ -400,7 +400,7 @@ def test_a_missing_result_file_skips_that_figure_with_a_note(results_dir, tmp_pa
     done = write_figures(partial, tmp_path / "out", png=False)
     assert "F7" not in [s.key for s in done.figures] and not (tmp_path / "out" / "F7_pca.html").exists()
     assert done.notes == (f"F7 skipped: pca.json not found in {partial}",) and not done.failed
-    assert f"- F7 skipped: pca.json not found" in (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
+    assert "- F7 skipped: pca.json not found" in (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
 
 
 def test_a_builder_called_without_its_file_names_the_file(results):

@@ -190,3 +190,21 @@ def resolve_layers(model: Model, metric: Metric, layers: Sequence[int] | None) -
         raise ValueError(f"layers {late} come after the metric {metric.name} is read; intervening there "
                          f"cannot change it (use layers 0..{last})")
     return sorted(set(layers))
+
+
+def prepare(model: Model, metric: Metric, transcripts: Sequence[Transcript | RenderedTranscript], baseline,
+            layers: Sequence[int] | None) -> tuple[list[int], list[RenderedTranscript], list]:
+    """What every attribution checks before it runs: the metric fits the model, the layers, the
+    renderings, and one baseline per transcript (``baseline``: one shared ``[n_layers, d_model]``
+    mean, or a matched transcript or ``[n_layers, pos, d_model]`` tensor each)."""
+    check_readout(model, metric)
+    layers = resolve_layers(model, metric, layers)
+    rendered = render_for(model, transcripts)
+    shared = isinstance(baseline, torch.Tensor) and baseline.ndim != 3
+    baselines = [baseline] * len(rendered) if shared else list(baseline)
+    if len(baselines) != len(rendered):
+        raise ValueError(f"got {len(baselines)} baselines for {len(rendered)} transcripts; give one each (a matched "
+                         "transcript or [n_layers, pos, d_model] tensor) or one shared mean")
+    for r, b in zip(rendered, baselines):
+        check_baseline(model, b, r)
+    return layers, rendered, baselines

@@ -50,12 +50,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from interp.attribution.engine import (Metric, baseline_name, baseline_values, check_baseline, resolve_layers,
+from interp.attribution.engine import (Metric, baseline_name, baseline_values, prepare,
                                        run_metric)
 from interp.attribution.segments import AttributionSegment, _decision, _groups
-from interp.cache import render_for
 from interp.models import Model, check_choice
-from interp.readouts import check_readout
 from interp.transcripts import RenderedTranscript, Transcript
 
 InteractionMethod = Literal["exact", "grad", "ig"]
@@ -222,16 +220,7 @@ def segment_interactions(
         One :class:`SegmentInteractions` per transcript.
     """
     _check(method, scale, order, batch_size, steps)
-    check_readout(model, metric)
-    layers = resolve_layers(model, metric, layers)
-    rendered = render_for(model, transcripts)
-    shared = isinstance(baseline, torch.Tensor) and baseline.ndim != 3
-    baselines = [baseline] * len(rendered) if shared else list(baseline)
-    if len(baselines) != len(rendered):
-        raise ValueError(f"got {len(baselines)} baselines for {len(rendered)} transcripts; give one each "
-                         "(a matched transcript or [n_layers, pos, d_model] tensor) or one shared mean")
-    for r, b in zip(rendered, baselines):
-        check_baseline(model, b, r)
+    layers, rendered, baselines = prepare(model, metric, transcripts, baseline, layers)
     out = []
     for r, b in tqdm(list(zip(rendered, baselines)), desc=f"interactions ({method})", unit="transcript",
                      disable=not progress):

@@ -13,12 +13,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from interp.attribution.engine import (SITE, Metric, baseline_name, baseline_values, check_baseline, run_metric,
-                                       metric_gradients, resolve_layers)
-from interp.cache import pad_batch, render_for
+from interp.attribution.engine import SITE, Metric, baseline_name, baseline_values, metric_gradients, prepare, run_metric
+from interp.cache import pad_batch
 from interp.models import Model, check_choice, hook_name
 from interp.positions import decision as decision_selector
-from interp.readouts import check_readout
 from interp.transcripts import SEGMENT_KINDS, RenderedTranscript, Transcript
 
 Method = Literal["exact", "grad", "ig"]
@@ -159,16 +157,7 @@ def segment_attributions(
     check_choice(method, METHODS, "method")
     if batch_size < 1 or steps < 1:
         raise ValueError(f"batch_size and steps must be positive, got {batch_size} and {steps}")
-    check_readout(model, metric)
-    layers = resolve_layers(model, metric, layers)
-    rendered = render_for(model, transcripts)
-    shared = isinstance(baseline, torch.Tensor) and baseline.ndim != 3
-    baselines = [baseline] * len(rendered) if shared else list(baseline)
-    if len(baselines) != len(rendered):
-        raise ValueError(f"got {len(baselines)} baselines for {len(rendered)} transcripts; patching needs one "
-                         "matched transcript (or [n_layers, pos, d_model] tensor) each")
-    for r, b in zip(rendered, baselines):
-        check_baseline(model, b, r)
+    layers, rendered, baselines = prepare(model, metric, transcripts, baseline, layers)
     decisions = [_decision(r) for r in rendered]
     groups = [_groups(r, merge, per_token) for r in rendered]
     if method == "exact":
