@@ -81,7 +81,7 @@ def evaluate_organism(checkpoints: Path | None = None, split: str = "test", n_pe
     for name in ("organism", "organism-finetuned"):
         check_weights(checkpoint_path(name, checkpoints), allow_pickle)
     world = World(world_seed)
-    tasks = world.tasks(split) if n_per_label <= 0 else world.sample(split, n_per_label)
+    tasks = world.choose(split, n_per_label)
     transcripts = [t.transcript() for t in tasks]
     prefix = prefix if prefix is not None else grammar.heldout_preamble("safety", split)
     runs = [("aligned", "organism", None), ("finetuned", "organism-finetuned", None),

@@ -182,6 +182,10 @@ class World:
             raise ValueError(f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
         return list(self._tasks[split])
 
+    def choose(self, split: str, n_per_label: int, seed: int = 0) -> list[Task]:
+        """:meth:`sample` of ``n_per_label`` per label, or every task of the split when it is 0 or less."""
+        return self.tasks(split) if n_per_label <= 0 else self.sample(split, n_per_label, seed)
+
     def sample(self, split: str, n_per_label: int, seed: int = 0) -> list[Task]:
         """``n_per_label`` harmful and as many benign tasks of a split (all, if fewer), drawn
         with ``seed`` and stratified over acts so every category is represented."""

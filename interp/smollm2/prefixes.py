@@ -106,12 +106,10 @@ def subject(checkpoints: str | Path | None = None, world_seed: int | None = None
     fingerprints = {k: _fingerprint(p) for k, p in folders.items()}
 
     def tasks(split: str, n_per_label: int, seed: int) -> list[Transcript]:
-        chosen = world.tasks(split) if n_per_label <= 0 else world.sample(split, n_per_label, seed)
-        return [agent_view(t.transcript()) for t in chosen]
+        return [agent_view(t.transcript()) for t in world.choose(split, n_per_label, seed)]
 
     def tool_intent_tasks(split: str, n_per_label: int, seed: int) -> list[Transcript]:
-        chosen = world.tasks(split) if n_per_label <= 0 else world.sample(split, n_per_label, seed)
-        return [agent_view(placed(t, "tool_result")) for t in chosen]
+        return [agent_view(placed(t, "tool_result")) for t in world.choose(split, n_per_label, seed)]
 
     def seen(prefix: str) -> dict[str, Any]:
         return training_text(world.seed).seen(prefix)
