@@ -1,4 +1,4 @@
-"""``python -m interp.demo`` (``make demo``): the main job on the built-in model organism.
+"""``python -m interp.demo`` (``make demo``): the main job on the built-in models, the organism and SmolLM2.
 
 Stages, each writing into ``--out`` (default ``runs/demo``) and skipped when its outputs exist,
 so a killed run started again resumes (``--fresh`` starts over):
@@ -17,7 +17,11 @@ so a killed run started again resumes (``--fresh`` starts over):
 4. **attribution**: which segments write the refusal signal (exact mean-ablation, the gradient
    and integrated-gradient estimates, their rank agreement) and the placement study (the harmful
    request in the user turn, a tool observation or the system prompt) -> ``attribution.json``;
-5. **figures**: F1-F9 into ``figures/`` (:mod:`interp.figures`).
+5. **figures**: F1-F9 into ``figures/`` (:mod:`interp.figures`; F10 comes from
+   ``python -m interp.organism.variant interactions``);
+6. **smollm2**: stages 3 and 4 again on SmolLM2-135M-Instruct (its aligned and fine-tuned adapters)
+   with the prefix of the committed SmolLM2 PING study (``docs/research/smollm2-ping``; a fresh
+   study takes about an hour and a half), its figures into ``figures/smollm2/``.
 
 It ends with a table of the headline numbers.
 """
@@ -27,6 +31,8 @@ from __future__ import annotations
 import shutil
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,15 +56,20 @@ from interp.ping.__main__ import PingConfig
 from interp.ping.__main__ import run as run_ping_study
 from interp.positions import decision
 from interp.probe import comparison, refusals
-from interp.transcripts import binary_labels
+from interp.transcripts import Transcript, binary_labels
 from probes import fit_layer_probes
 
-STAGES = ("organism", "ping", "comparison", "attribution", "figures")
+STAGES = ("organism", "ping", "comparison", "attribution", "figures", "smollm2")
 PING_FILES = ("behaviour.json", "ping_history.jsonl", "ping_guided_history.jsonl", "steering.json", "ping.json",
               "guards.json")
 OUTPUTS = {"organism": ("curve.json",), "ping": PING_FILES,
            "comparison": ("comparison.json", "pca.json", "token_logits.json"),
-           "attribution": ("attribution.json",), "figures": ()}
+           "attribution": ("attribution.json",), "figures": (),
+           "smollm2": tuple(f"smollm2/{n}" for n in ("comparison.json", "pca.json", "token_logits.json",
+                                                      "attribution.json"))}
+SMOLLM2_STUDY = Path(__file__).resolve().parents[1] / "docs" / "research" / "smollm2-ping"
+"""The committed SmolLM2 PING study (about an hour and a half to re-run; its command is in
+docs/smollm2.md): the demo takes its prefix and result tables from there."""
 
 
 def _log(msg: str) -> None:
@@ -87,23 +98,58 @@ def stage_ping(a, results: Path) -> None:
         shutil.copyfile(a.out / "ping" / name, results / name)
 
 
-def _models(a):
+@dataclass(frozen=True)
+class Part:
+    """A built-in model pair the demo analyses: its models' names and how to load them, and how
+    its agent sees a world task (``view``) with the request placed in one of :data:`PLACEMENTS`."""
+
+    name: str
+    model_names: tuple[str, str]
+    models: Callable[[], tuple[Any, Any]]
+    view: Callable[[Transcript], Transcript] = lambda t: t
+    # what a forward pass costs decides these: None takes the command line's
+    n_per_label: int | None = None  # tasks of each label for the probes
+    attribution_n: int | None = None  # test tasks of each label for attribution
+    layer_stride: int = 1  # attribution reads every this-many layers up to the readout layer (and it)
+    ig_steps: int = 8  # integrated-gradient midpoints
+
+    def attribution_layers(self, readout: int) -> list[int] | None:
+        return None if self.layer_stride == 1 else sorted({*range(0, readout + 1, self.layer_stride), readout})
+
+    def tasks(self, split: str, n_per_label: int, seed: int, placement: str = "user") -> list[Transcript]:
+        chosen = World().sample(split, n_per_label, seed=seed)
+        return [self.view(t.transcript() if placement == "user" else placed(t, placement)) for t in chosen]
+
+
+def organism_part(a) -> Part:
     root = Path(a.checkpoints) if a.checkpoints else None
-    return (load_model(str(checkpoint_path("organism", root)), backend=a.backend),
-            load_model(str(checkpoint_path("organism-finetuned", root)), backend=a.backend))
+    return Part("organism", ("organism", "organism-finetuned"),
+                lambda: (load_model(str(checkpoint_path("organism", root)), backend=a.backend),
+                         load_model(str(checkpoint_path("organism-finetuned", root)), backend=a.backend)))
+
+
+def smollm2_part(a) -> Part:
+    """SmolLM2: a forward pass costs about 10^4 times the organism's, so fewer tasks, three
+    attribution layers and four integrated-gradient midpoints keep the stage near ten minutes."""
+    from interp.smollm2.data import agent_view
+    return Part("smollm2", ("smollm2-aligned", "smollm2-finetuned"),
+                lambda: (load_model("smollm2-aligned", backend=a.backend),
+                         load_model("smollm2-finetuned", backend=a.backend)), agent_view,
+                n_per_label=a.smollm2_n_per_label, attribution_n=4, layer_stride=15, ig_steps=4)
 
 
 def _ping_prefix(results: Path) -> str:
     return read_json(results / "ping.json")["best_prefix"]
 
 
-def stage_comparison(a, results: Path) -> None:
-    aligned, finetuned = _models(a)
+def stage_comparison(a, results: Path, part: Part | None = None) -> None:
+    part = part or organism_part(a)
+    aligned, finetuned = part.models()
     prefix = _ping_prefix(results)
-    transcripts = [t.transcript() for t in World().sample("test", a.n_per_label, seed=a.seed)]
+    transcripts = part.tasks("test", part.n_per_label or a.n_per_label, a.seed)
     out, res, acts, refused = comparison(aligned, finetuned, transcripts, prefix, seed=a.seed,
                                          progress=not a.no_progress)
-    save_json({**out, "aligned_model": "organism", "finetuned_model": "organism-finetuned"},
+    save_json({**out, "aligned_model": part.model_names[0], "finetuned_model": part.model_names[1]},
                results / "comparison.json")
     layer = _readout_layer(out)
     harmful = binary_labels(transcripts, "harmful")
@@ -128,12 +174,12 @@ def _readout_layer(comparison: dict) -> int:
     return max(recs, key=lambda r: (round(r["refusal"]["acc"], 3), r["layer"]))["layer"]
 
 
-def stage_attribution(a, results: Path) -> None:
-    aligned, finetuned = _models(a)
+def stage_attribution(a, results: Path, part: Part | None = None) -> None:
+    part = part or organism_part(a)
+    n = part.n_per_label or a.n_per_label
+    aligned, finetuned = part.models()
     prefix = _ping_prefix(results)
-    comp = read_json(results / "comparison.json")
-    layer = _readout_layer(comp)
-    world = World()
+    layer = _readout_layer(read_json(results / "comparison.json"))
 
     def refusal_probe(model, ts, refused) -> ProbeLogit:
         acts = cache_activations(model, ts, layers=[layer], positions="decision", progress=False)
@@ -141,28 +187,39 @@ def stage_attribution(a, results: Path) -> None:
         probe = fit_layer_probes(X, refused, layers=[layer])
         return ProbeLogit.from_probes(probe, layer)
 
-    # a refusal probe per model, fitted on training-split tasks (the fine-tuned one with and without PING)
-    train_ts = [t.transcript() for t in world.sample("train", a.n_per_label, seed=a.seed)]
+    # a refusal probe per model, fitted on training-split tasks (the fine-tuned one with and without
+    # PING); where the fine-tuned model refuses none of them (or all), the aligned model's probe
+    train_ts = part.tasks("train", n, a.seed)
     ft_train = train_ts + [t.with_prefix(prefix) for t in train_ts]
-    metrics = {"aligned": refusal_probe(aligned, train_ts, refusals(aligned, train_ts)),
-               "finetuned": refusal_probe(finetuned, ft_train,
-                                          np.concatenate([refusals(finetuned, train_ts),
-                                                          refusals(finetuned, [t.with_prefix(prefix) for t in train_ts])]))}
-    reference = [t.transcript() for t in world.sample("validation", a.n_per_label, seed=a.seed)]
+    metrics = {"aligned": refusal_probe(aligned, train_ts, refusals(aligned, train_ts))}
+    ft_refused = np.concatenate([refusals(finetuned, train_ts), refusals(finetuned, ft_train[len(train_ts):])])
+    metric_note = None
+    if ft_refused.all() or not ft_refused.any():
+        metrics["finetuned"] = metrics["aligned"]
+        metric_note = (f"the aligned model's refusal probe for both models: the fine-tuned one "
+                       f"{'refused every' if ft_refused.all() else 'refused none'} of its {len(ft_refused)} "
+                       "training-split tasks (with and without the prefix)")
+        _log(f"{part.name} attribution: {metric_note}")
+    else:
+        metrics["finetuned"] = refusal_probe(finetuned, ft_train, ft_refused)
+    reference = part.tasks("validation", n, a.seed)
     baselines = {"aligned": mean_residual(aligned, reference, progress=False),
                  "finetuned": mean_residual(finetuned, reference + [t.with_prefix(prefix) for t in reference],
                                             progress=False)}
-    tasks = world.sample("test", a.attribution_n, seed=a.seed + 1)
-    out: dict[str, Any] = {"model": "finetuned", "prefix": prefix, "layer": layer}
+    tasks = {p: part.tasks("test", part.attribution_n or a.attribution_n, a.seed + 1, placement=p) for p in PLACEMENTS}
+    harmful = binary_labels(tasks["user"], "harmful")
+    out: dict[str, Any] = {"model": "finetuned", "prefix": prefix, "layer": layer,
+                           **({"metric_note": metric_note} if metric_note else {})}
     exact, estimates = [], {"grad": [], "ig": []}
     for label, want in (("harmful", True), ("benign", False)):
-        ts = [t.transcript().with_prefix(prefix) for t in tasks if t.harmful == want]
-        kw = dict(baseline=baselines["finetuned"], merge=("template",), progress=not a.no_progress)
+        ts = [t.with_prefix(prefix) for t, h in zip(tasks["user"], harmful) if h == want]
+        kw = dict(baseline=baselines["finetuned"], merge=("template",), layers=part.attribution_layers(layer),
+                  progress=not a.no_progress)
         e = segment_attributions(finetuned, ts, metrics["finetuned"], method="exact", **kw)
         out[label] = kind_effects(e).to_dict()
         exact += e
         for method in ("grad", "ig"):
-            fast = segment_attributions(finetuned, ts, metrics["finetuned"], method=method, **kw)
+            fast = segment_attributions(finetuned, ts, metrics["finetuned"], method=method, steps=part.ig_steps, **kw)
             out[f"{label}_{method}"] = kind_effects(fast).to_dict()
             estimates[method] += fast
     out["metric"], out["method"] = out["harmful"]["metric"], "exact"
@@ -170,9 +227,8 @@ def stage_attribution(a, results: Path) -> None:
     out["agreement_ig"] = rank_agreement(exact, estimates["ig"]).to_dict()
 
     conditions = []
-    harmful_tasks = [t for t in tasks if t.harmful]
     for placement in PLACEMENTS:
-        ts = [placed(t, placement) for t in harmful_tasks]
+        ts = [t for t, h in zip(tasks[placement], harmful) if h]
         for model_name, model, p in (("aligned", aligned, None), ("finetuned", finetuned, None),
                                      ("prefix", finetuned, prefix)):
             run = [t.with_prefix(p) for t in ts]
@@ -189,16 +245,39 @@ def stage_attribution(a, results: Path) -> None:
     save_json(out, results / "attribution.json")
 
 
-def stage_figures(a, results: Path) -> None:
-    done = write_figures(results, a.figures, png=not a.no_png)
+def stage_figures(a, results: Path, figures: Path | None = None) -> None:
+    done = write_figures(results, figures or a.figures, png=not a.no_png)
     for note in done.notes:
         _log(note)
     if done.failed:
         raise RuntimeError(f"figures failed: {', '.join(done.failed)}")
 
 
+def stage_smollm2(a, results: Path) -> None:
+    """The comparison and attribution stages again on SmolLM2 (aligned and fine-tuned adapters),
+    with the committed study's PING prefix, and every figure their results and the study's allow
+    into ``figures/smollm2``."""
+    sub = results / "smollm2"
+    sub.mkdir(exist_ok=True)
+    for name in PING_FILES:
+        if not (SMOLLM2_STUDY / name).is_file():
+            raise FileNotFoundError(f"{SMOLLM2_STUDY / name}: the committed SmolLM2 PING study is incomplete "
+                                    "(git checkout docs/research/smollm2-ping restores it)")
+        shutil.copyfile(SMOLLM2_STUDY / name, sub / name)
+    _log(f"smollm2: the PING prefix and tables of the committed study {SMOLLM2_STUDY}")
+    part = smollm2_part(a)
+    for name, step in (("comparison", stage_comparison), ("attribution", stage_attribution)):
+        if all((results / n).exists() for n in OUTPUTS["smollm2"] if n.startswith(f"smollm2/{name}")):
+            _log(f"smollm2 {name}: done already")
+            continue
+        t = time.time()
+        step(a, sub, part)
+        _log(f"smollm2 {name}: {time.time() - t:.0f} s")
+    stage_figures(a, sub, a.figures / "smollm2")
+
+
 RUNNERS = {"organism": stage_organism, "ping": stage_ping, "comparison": stage_comparison,
-           "attribution": stage_attribution, "figures": stage_figures}
+           "attribution": stage_attribution, "figures": stage_figures, "smollm2": stage_smollm2}
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,6 +324,8 @@ def _parser() -> cli.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rounds", type=cli.positive, default=20, help="PING rounds (paper: 20)")
     p.add_argument("--n-per-label", type=cli.positive, default=60, help="tasks of each label for the probes")
+    p.add_argument("--smollm2-n-per-label", type=cli.positive, default=40,
+                   help="tasks of each label for SmolLM2's probes (default %(default)s)")
     p.add_argument("--attribution-n", type=cli.positive, default=12, help="test tasks of each label for attribution")
     p.add_argument("--backend", default="hf", choices=("hf", "bridge", "nnsight"))
     p.add_argument("--threads", type=cli.positive, help="torch CPU threads (default: torch's choice)")
@@ -268,6 +349,8 @@ def _run(a) -> int:
     if a.fresh:
         if "ping" in stages:
             shutil.rmtree(a.out / "ping", ignore_errors=True)
+        if "smollm2" in stages:
+            shutil.rmtree(results / "smollm2", ignore_errors=True)
         for s in stages:
             for name in OUTPUTS[s]:
                 (results / name).unlink(missing_ok=True)
