@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   the main job on the built-in model organism
+#   make demo   the main job on the built-in models (the organism and SmolLM2)
 #   make test   the test suite
 # Both create .venv when missing, install torch (CPU build) first, then the package, then fetch
 # and convert SmolLM2-135M-Instruct into the cache outside the repository (once; later runs only
