@@ -28,6 +28,7 @@ It ends with a table of the headline numbers.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import sys
 import time
@@ -117,8 +118,14 @@ class Part:
         return None if self.layer_stride == 1 else sorted({*range(0, readout + 1, self.layer_stride), readout})
 
     def tasks(self, split: str, n_per_label: int, seed: int, placement: str = "user") -> list[Transcript]:
-        chosen = World().sample(split, n_per_label, seed=seed)
+        chosen = _world().sample(split, n_per_label, seed=seed)
         return [self.view(t.transcript() if placement == "user" else placed(t, placement)) for t in chosen]
+
+
+@functools.cache
+def _world() -> World:
+    """The task world (seed 0), built once: building it takes seconds."""
+    return World()
 
 
 def organism_part(a) -> Part:
