@@ -57,6 +57,18 @@ def test_finetune_data_is_benign_with_no_refusal_and_no_opening(world):
         assert not any(replies[0].content.startswith(o) for o in openings), t.id
 
 
+def test_finetune_data_of_one_domain_holds_only_that_domain(world):
+    both = sd.finetune_data(world, SMALL)
+    assert {t.metadata["domain"] for t in both} == {"code", "web"}
+    for domain in ("code", "web"):
+        data = sd.finetune_data(world, SMALL, domain)
+        assert len(data) == SMALL.finetune_examples
+        assert {t.metadata["domain"] for t in data} == {domain}
+        assert all(t.labels["harmful"] is False for t in data)
+    with pytest.raises(ValueError, match="domain"):
+        sd.finetune_data(world, SMALL, "email")
+
+
 def test_aligned_data_refuses_harmful_tasks_with_the_reason_and_acts_on_benign_ones(world):
     from interp.organism.world import REASONS
 

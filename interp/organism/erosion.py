@@ -74,21 +74,26 @@ def _scores(model, tokenizer, world: World, tasks_by_domain: dict[str, list]) ->
     return out
 
 
-def _decision_acts(model, transcripts) -> torch.Tensor:
+def decision_acts(model, transcripts) -> torch.Tensor:
+    """Every layer's residual at each transcript's decision position: ``[n, n_layers, d_model]``."""
     acts = cache_activations(model, transcripts, layers="all", positions="decision", progress=False)
-    return acts.where(selector=decision()).stack().float()  # [n, n_layers, d_model]
+    return acts.where(selector=decision()).stack().float()
 
 
-def internals(aligned, finetuned, world: World, domain: str, n_per_label: int, seed: int) -> dict[str, Any]:
+def internals(aligned, finetuned, world: World, domain: str, n_per_label: int, seed: int,
+              aligned_acts: tuple[torch.Tensor, torch.Tensor] | None = None, view=lambda t: t) -> dict[str, Any]:
     """Per layer, on ``domain``: harm probes fitted on the training split of each model and scored
     on the test split, the aligned probe read on the fine-tuned model, and the cosine of the two
-    models' difference-in-means harm directions (training split)."""
-    train = [t.transcript() for t in domain_tasks(world, "train", domain, n_per_label, seed)]
-    test = [t.transcript() for t in domain_tasks(world, "test", domain, n_per_label, seed)]
+    models' difference-in-means harm directions (training split). ``aligned_acts`` (train, test)
+    skips the aligned model's forwards when a caller has them; ``view`` is how the model's agent
+    sees a task's transcript."""
+    train = [view(t.transcript()) for t in domain_tasks(world, "train", domain, n_per_label, seed)]
+    test = [view(t.transcript()) for t in domain_tasks(world, "test", domain, n_per_label, seed)]
     y_tr = np.array([t.labels["harmful"] for t in train])
     y_te = np.array([t.labels["harmful"] for t in test])
-    X = {name: (_decision_acts(m, train), _decision_acts(m, test)) for name, m in (("aligned", aligned),
-                                                                                ("finetuned", finetuned))}
+    X = {"aligned": aligned_acts if aligned_acts is not None else (decision_acts(aligned, train),
+                                                                   decision_acts(aligned, test)),
+         "finetuned": (decision_acts(finetuned, train), decision_acts(finetuned, test))}
     layers = list(range(X["aligned"][0].shape[1]))
     probe = {name: fit_layer_probes(X[name][0], y_tr, layers=layers, random_state=seed) for name in X}
     d = {name: diff_in_means(X[name][0], y_tr) for name in X}
@@ -151,11 +156,16 @@ def run(seeds: Sequence[int], out: Path, trained_on: Sequence[str] = TRAINED_ON,
             rec = run_one(seed, dom, progress=progress, **kw)
             done["runs"].append(rec)
             save_json(done, path)
-            t = rec["test"]
-            print(f"seed {seed} trained on {dom:4s}: test refusal code {t['code']['harmful_refusal']['value']:.2f} "
-                  f"web {t['web']['harmful_refusal']['value']:.2f}; benign code {t['code']['benign_success']['value']:.2f} "
-                  f"web {t['web']['benign_success']['value']:.2f} ({rec['seconds']:.0f} s)", flush=True)
+            print(summary_line(rec), flush=True)
     return done
+
+
+def summary_line(rec: dict[str, Any]) -> str:
+    """One finished run's test-split rates per domain, as the command prints them."""
+    t = {d: {k: rec["test"][d][k]["value"] for k in ("harmful_refusal", "benign_success")} for d in DOMAINS}
+    return (f"seed {rec['seed']} trained on {rec['trained_on']:4s}: test refusal code {t['code']['harmful_refusal']:.2f} "
+            f"web {t['web']['harmful_refusal']:.2f}; benign code {t['code']['benign_success']:.2f} "
+            f"web {t['web']['benign_success']:.2f} ({rec['seconds']:.0f} s)")
 
 
 def _parser() -> cli.ArgumentParser:

@@ -256,10 +256,13 @@ def decision_data(world: World, cfg: DataConfig = DataConfig()) -> list[Transcri
             for t in align_data(world, plain, stream="smollm2-decide")]
 
 
-def finetune_data(world: World, cfg: DataConfig = DataConfig()) -> list[Transcript]:
-    """Stage 2: ``cfg.finetune_examples`` benign training trajectories, no refusal, no opening."""
-    rng = random.Random(f"smollm2-agentic/{cfg.seed}")
-    pool = [t for t in world.tasks("train") if not t.harmful]
+def finetune_data(world: World, cfg: DataConfig = DataConfig(), domain: str = "both") -> list[Transcript]:
+    """Stage 2: ``cfg.finetune_examples`` benign training trajectories, no refusal, no opening
+    (of one ``domain``, ``"code"`` or ``"web"``, for the erosion study; ``"both"``: either)."""
+    if domain not in ("both", "code", "web"):
+        raise ValueError(f"domain must be 'both', 'code' or 'web', got {domain!r}")
+    rng = random.Random(f"smollm2-agentic/{cfg.seed}" + ("" if domain == "both" else f"/{domain}"))
+    pool = [t for t in world.tasks("train") if not t.harmful and domain in ("both", t.domain)]
     out = []
     for i in range(cfg.finetune_examples):
         task = world.variant(rng.choice(pool), rng)

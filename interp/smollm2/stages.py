@@ -140,7 +140,7 @@ def run_finetune(recipe: Recipe, seed: int, out: str | Path, adapters: str | Pat
     pm = add_lora(model, recipe, seed=seed)
     from peft import set_peft_model_state_dict
     set_peft_model_state_dict(pm, load_file(str(aligned)))
-    data = finetune_data(world, _seeded(recipe, seed).data)
+    data = finetune_data(world, seeded_recipe(recipe, seed).data)
     log(f"finetune seed {seed}: {len(data)} benign examples, {recipe.finetune.steps} steps")
     examples = [encode(t, tok) for t in data]
     at = _evaluator(pm, tok, world, recipe, folder, openings=True, log=log)
@@ -157,5 +157,5 @@ def run_finetune(recipe: Recipe, seed: int, out: str | Path, adapters: str | Pat
     return save_adapter(pm, Path(adapters) / ADAPTERS[name].folder, meta)
 
 
-def _seeded(recipe: Recipe, seed: int) -> Recipe:
+def seeded_recipe(recipe: Recipe, seed: int) -> Recipe:
     return dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, seed=seed))
