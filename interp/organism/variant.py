@@ -176,7 +176,7 @@ BASELINES = {"mean": "mean residual of the validation split's distributed tasks"
 
 def interaction_recovery(model: Model, split: str = "test", n_per_kind: int = 10, seed: int = 0,
                          methods: Sequence[str] = ("exact", "grad", "ig"), baseline: str = "mean",
-                         progress: bool = False, world: World | None = None) -> dict[str, Any]:
+                         scale: str = "raw", progress: bool = False, world: World | None = None) -> dict[str, Any]:
     """Pairwise (and, for triple tasks, every-order exact) interactions between the segments of
     every harmful distributed task of ``split`` on :func:`decision_metric`, and how often the
     planted pair ranks first (:func:`~interp.attribution.recovery`), per task kind, method and
@@ -184,7 +184,9 @@ def interaction_recovery(model: Model, split: str = "test", n_per_kind: int = 10
     task of each kind (the graph view). ``baseline`` (:data:`BASELINES`): ``"mean"`` perturbs
     every segment (mean ablation); ``"null"`` patches from the task's null twin, where only the
     pieces differ at the embeddings (so at layer 0 any other pair is zero by construction; later
-    layers carry the pieces' influence into other segments)."""
+    layers carry the pieces' influence into other segments). ``scale`` (``"raw"`` or ``"sigmoid"``):
+    the interactions of the logit difference itself or of its sigmoid, the scale on which an AND of
+    behaviour is an interaction (:func:`~interp.attribution.segment_interaction`)."""
     if baseline not in BASELINES:
         raise ValueError(f"unknown baseline {baseline!r} (expected one of {', '.join(BASELINES)})")
     world = world or World()
@@ -194,12 +196,12 @@ def interaction_recovery(model: Model, split: str = "test", n_per_kind: int = 10
         mean = mean_residual(model, [t.transcript() for t in evaluation_set("validation", n_per_kind, seed, world)],
                              progress=False)
     out: dict[str, Any] = {"split": split, "n_per_kind": n_per_kind, "metric": metric.name,
-                           "baseline": BASELINES[baseline], "kinds": {}}
+                           "baseline": BASELINES[baseline], "scale": scale, "kinds": {}}
     for kind in KINDS:
         mine = [t for t in tasks if t.case.kind == kind]
         ts = [t.transcript() for t in mine]
         kw = dict(baseline=mean if baseline == "mean" else [t.null().transcript() for t in mine],
-                  merge=("template",), exclude=("template",), progress=progress)
+                  merge=("template",), exclude=("template",), scale=scale, progress=progress)
         planted = [list(t.locations.values()) for t in mine]
         rec: dict[str, Any] = {"n": len(mine), "planted": [dict(t.locations) for t in mine]}
         exact = segment_interactions(model, ts, metric, method="exact", order=None if kind == "triple" else 2, **kw)
@@ -245,7 +247,8 @@ def _evaluate(args) -> None:
 
 def _interactions(args) -> None:
     model = load_model(str(Path(args.checkpoint) if args.checkpoint else checkpoint_path(NAME)))
-    res = interaction_recovery(model, args.split, args.n_per_kind, baseline=args.baseline, progress=not args.quiet)
+    res = interaction_recovery(model, args.split, args.n_per_kind, baseline=args.baseline, scale=args.scale,
+                               progress=not args.quiet)
     with cli.output_dir(args.out.parent):
         save_json(res, args.out)
     for kind, rec in res["kinds"].items():
@@ -281,6 +284,8 @@ def _parser() -> cli.ArgumentParser:
     x.add_argument("--n-per-kind", type=cli.positive, default=10, help="cases per (scheme, kind) (default 10)")
     x.add_argument("--baseline", default="mean", choices=tuple(BASELINES),
                    help="mean ablation, or patching from each task's null twin (default %(default)s)")
+    x.add_argument("--scale", default="raw", choices=("raw", "sigmoid"),
+                   help="interactions of the logit difference (raw) or of its sigmoid (default %(default)s)")
     x.add_argument("--out", type=Path, default=Path("runs/distributed/interactions.json"))
     x.add_argument("--quiet", action="store_true")
     x.set_defaults(fn=_interactions)
