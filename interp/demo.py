@@ -17,7 +17,8 @@ so a killed run started again resumes (``--fresh`` starts over):
 4. **attribution**: which segments write the refusal signal (exact mean-ablation, the gradient
    and integrated-gradient estimates, their rank agreement) and the placement study (the harmful
    request in the user turn, a tool observation or the system prompt) -> ``attribution.json``;
-5. **figures**: F1-F9 into ``figures/`` (:mod:`interp.figures`; F10 comes from
+5. **figures**: F1-F10 into ``figures/`` (:mod:`interp.figures`; F10 from the committed
+   interaction study of the distributed-harm organism, ``docs/research/distributed``, made by
    ``python -m interp.organism.variant interactions``);
 6. **smollm2**: stages 3 and 4 again on SmolLM2-135M-Instruct (its aligned and fine-tuned adapters)
    with the prefix of the committed SmolLM2 PING study (``docs/research/smollm2-ping``; a fresh
@@ -71,6 +72,8 @@ OUTPUTS = {"organism": ("curve.json",), "ping": PING_FILES,
 SMOLLM2_STUDY = Path(__file__).resolve().parents[1] / "docs" / "research" / "smollm2-ping"
 """The committed SmolLM2 PING study (about an hour and a half to re-run; its command is in
 docs/smollm2.md): the demo takes its prefix and result tables from there."""
+INTERACTIONS_STUDY = SMOLLM2_STUDY.parent / "distributed" / "interactions.json"
+"""The committed interaction study of ``organism-distributed`` (F10's data)."""
 
 
 def _log(msg: str) -> None:
@@ -92,8 +95,11 @@ def stage_organism(a, results: Path) -> None:
 
 
 def stage_ping(a, results: Path) -> None:
+    # the organism's forward pass costs less than the Python around it: 256 rows a batch score a
+    # candidate's 200 validation tasks in one pass (about a fifth faster than 64)
     summary = run_ping_study(PingConfig(subject="organism", out=a.out / "ping", checkpoints=a.checkpoints,
-                                        rounds=a.rounds, seed=a.seed, guards=True, progress=not a.no_progress))
+                                        rounds=a.rounds, seed=a.seed, guards=True, batch_size=256,
+                                        progress=not a.no_progress))
     _log(f"PING prefix {summary['best_prefix']!r} (validation score {summary['validation']['score']:.3f})")
     for name in PING_FILES:
         shutil.copyfile(a.out / "ping" / name, results / name)
@@ -113,6 +119,7 @@ class Part:
     attribution_n: int | None = None  # test tasks of each label for attribution
     layer_stride: int = 1  # attribution reads every this-many layers up to the readout layer (and it)
     ig_steps: int = 8  # integrated-gradient midpoints
+    reference_n: int | None = None  # validation tasks of each label whose mean residual is the ablation baseline
 
     def attribution_layers(self, readout: int) -> list[int] | None:
         return None if self.layer_stride == 1 else sorted({*range(0, readout + 1, self.layer_stride), readout})
@@ -137,12 +144,15 @@ def organism_part(a) -> Part:
 
 def smollm2_part(a) -> Part:
     """SmolLM2: a forward pass costs about 10^4 times the organism's, so fewer tasks, three
-    attribution layers and four integrated-gradient midpoints keep the stage near ten minutes."""
+    attribution layers, four integrated-gradient midpoints, a mean-ablation baseline from 16 + 16
+    tasks (about 8,000 token positions) and PyTorch's fused attention (not on the bridge, which
+    runs eager attention) keep the stage near eight minutes."""
     from interp.smollm2.data import agent_view
+    attn = {} if a.backend == "bridge" else {"attn_implementation": "sdpa"}
     return Part("smollm2", ("smollm2-aligned", "smollm2-finetuned"),
-                lambda: (load_model("smollm2-aligned", backend=a.backend),
-                         load_model("smollm2-finetuned", backend=a.backend)), agent_view,
-                n_per_label=a.smollm2_n_per_label, attribution_n=4, layer_stride=15, ig_steps=4)
+                lambda: (load_model("smollm2-aligned", backend=a.backend, **attn),
+                         load_model("smollm2-finetuned", backend=a.backend, **attn)), agent_view,
+                n_per_label=a.smollm2_n_per_label, attribution_n=4, layer_stride=15, ig_steps=4, reference_n=16)
 
 
 def _ping_prefix(results: Path) -> str:
@@ -209,7 +219,7 @@ def stage_attribution(a, results: Path, part: Part | None = None) -> None:
         _log(f"{part.name} attribution: {metric_note}")
     else:
         metrics["finetuned"] = refusal_probe(finetuned, ft_train, ft_refused)
-    reference = part.tasks("validation", n, a.seed)
+    reference = part.tasks("validation", part.reference_n or n, a.seed)
     baselines = {"aligned": mean_residual(aligned, reference, progress=False),
                  "finetuned": mean_residual(finetuned, reference + [t.with_prefix(prefix) for t in reference],
                                             progress=False)}
@@ -253,6 +263,8 @@ def stage_attribution(a, results: Path, part: Part | None = None) -> None:
 
 
 def stage_figures(a, results: Path, figures: Path | None = None) -> None:
+    if figures is None and INTERACTIONS_STUDY.is_file() and not (results / INTERACTIONS_STUDY.name).exists():
+        shutil.copyfile(INTERACTIONS_STUDY, results / INTERACTIONS_STUDY.name)
     done = write_figures(results, figures or a.figures, png=not a.no_png)
     for note in done.notes:
         _log(note)

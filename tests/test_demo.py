@@ -48,7 +48,7 @@ def test_attribution_stage_covers_both_labels_and_every_placement_and_model(run)
 
 def test_figures_stage_draws_what_the_results_allow(run):
     figs = run[0] / "figures"
-    for stem in ("F3_probes", "F4_token_logits", "F6_attribution", "F7_pca"):
+    for stem in ("F3_probes", "F4_token_logits", "F6_attribution", "F7_pca", "F10_interactions"):
         assert (figs / f"{stem}.html").exists()
     assert not (figs / "F1_behaviour.html").exists()  # behaviour.json comes from the ping stage
 
