@@ -284,6 +284,9 @@ def stage_smollm2(a, results: Path) -> None:
                                     "(git checkout docs/research/smollm2-ping restores it)")
         shutil.copyfile(SMOLLM2_STUDY / name, sub / name)
     _log(f"smollm2: the PING prefix and tables of the committed study {SMOLLM2_STUDY}")
+    from interp.smollm2.stages import curve_record
+    save_json(curve_record("smollm2-finetuned"), sub / "curve.json")  # the shipped adapters' validation curves (F2)
+    save_json(curve_record("smollm2-finetuned-seed1"), sub / "curve_seed1.json")
     part = smollm2_part(a)
     for name, step in (("comparison", stage_comparison), ("attribution", stage_attribution)):
         if all((results / n).exists() for n in OUTPUTS["smollm2"] if n.startswith(f"smollm2/{name}")):

@@ -440,3 +440,18 @@ def test_the_targets_are_checked_as_the_issue_states_them():
            "smollm2-finetuned": {"first_step": r(0.60, 0.97)}, "smollm2-finetuned-seed1": {"first_step": r(0.70, 0.99)}}
     met = {t["target"].split(":")[0] + t["target"][-8:]: t["met"] for t in targets(res)}
     assert list(met.values()) == [True, False, True, False]
+
+
+def test_the_shipped_fine_tuning_curves_draw_as_f2(tmp_path):
+    from interp.figures import write_figures
+    from interp.smollm2.stages import curve_record
+
+    for name, file in (("smollm2-finetuned", "curve.json"), ("smollm2-finetuned-seed1", "curve_seed1.json")):
+        rec = curve_record(name)
+        assert [p["step"] for p in rec["points"]] == [0, 4, 8, 16, 32] and rec["chosen_step"] in (0, 4, 8, 16, 32)
+        assert set(rec["prefixes"]) == {"none", "safety", "neutral"}
+        (tmp_path / file).write_text(json.dumps(rec))
+    done = write_figures(tmp_path, tmp_path / "figs", png=False)
+    assert (tmp_path / "figs" / "F2_curve.html").exists() and not done.failed
+    with pytest.raises(ValueError, match="not a fine-tuned adapter"):
+        curve_record("smollm2-aligned")

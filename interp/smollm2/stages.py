@@ -159,3 +159,18 @@ def run_finetune(recipe: Recipe, seed: int, out: str | Path, adapters: str | Pat
 
 def seeded_recipe(recipe: Recipe, seed: int) -> Recipe:
     return dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, seed=seed))
+
+
+def curve_record(name: str = "smollm2-finetuned", adapters: str | Path = ADAPTER_DIR) -> dict[str, Any]:
+    """A fine-tuned adapter's validation curve (its ``training.json``) in the form of the
+    organism's ``curve.json``, which figure F2 draws: rates per step and forced opening, the
+    chosen step and the rule that chose it."""
+    meta = read_json(Path(adapters) / ADAPTERS[name].folder / "training.json")
+    if meta.get("stage") != "finetune":
+        raise ValueError(f"{name}: not a fine-tuned adapter (its training.json is of stage {meta.get('stage')!r})")
+    recipe = meta["recipe"]
+    points = sorted(meta["validation"].values(), key=lambda p: p["step"])
+    return {"split": "validation", "mode": "first_step", "n_per_label": recipe["curve_per_label"],
+            "prefixes": {"none": None, **recipe["curve_openings"]},
+            "points": [{k: v for k, v in p.items() if k != "eval_s"} for p in points],
+            "chosen_step": meta["chosen_step"], "rule": meta["rule"], "seed": meta["seed"]}
