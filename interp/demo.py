@@ -22,7 +22,8 @@ so a killed run started again resumes (``--fresh`` starts over):
    ``python -m interp.organism.variant interactions``);
 6. **smollm2**: stages 3 and 4 again on SmolLM2-135M-Instruct (its aligned and fine-tuned adapters)
    with the prefix of the committed SmolLM2 PING study (``docs/research/smollm2-ping``; a fresh
-   study takes about an hour and a half), its figures into ``figures/smollm2/``.
+   study takes about an hour and a half), its figures into ``figures/smollm2/`` (F2 from the
+   shipped fine-tuned adapters' validation curves).
 
 It ends with a table of the headline numbers.
 """
