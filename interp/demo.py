@@ -146,7 +146,7 @@ def organism_part(a) -> Part:
 def smollm2_part(a) -> Part:
     """SmolLM2: a forward pass costs about 10^4 times the organism's, so fewer tasks, three
     attribution layers, four integrated-gradient midpoints, a mean-ablation baseline from 16 + 16
-    tasks (about 8,000 token positions) and PyTorch's fused attention (not on the bridge, which
+    tasks and PyTorch's fused attention (not on the bridge, which
     runs eager attention) make the stage take 684 s (2026-11-30, README)."""
     from interp.smollm2.data import agent_view
     attn = {} if a.backend == "bridge" else {"attn_implementation": "sdpa"}
