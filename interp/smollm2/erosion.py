@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from interp import cli
 from interp.atomic import read_json, save_json
@@ -36,10 +35,9 @@ from interp.finetune import encode
 from interp.models import load_model
 from interp.organism.erosion import DOMAINS, decision_acts, domain_tasks, internals, summary_line
 from interp.organism.world import World
-from interp.smollm2 import ADAPTER_DIR, ADAPTERS
 from interp.smollm2.data import agent_view, finetune_data
-from interp.smollm2.stages import load_base, seeded_recipe
-from interp.smollm2.train import Recipe, add_lora, save_adapter, train_stage
+from interp.smollm2.stages import aligned_lora, seeded_recipe
+from interp.smollm2.train import Recipe, save_adapter, train_stage
 
 STEPS = (8, 16, 32)
 
@@ -69,16 +67,11 @@ def run_one(recipe: Recipe, seed: int, domain: str, out: Path, aligned_acts: dic
     """Fine-tune the aligned adapter on ``domain`` with ``seed`` (resumably, in
     ``out/seed{seed}-{domain}``); the validation curve per domain, then the test-split behaviour
     and internals per domain at the stage's last step."""
-    from peft import set_peft_model_state_dict
-
     t0 = time.time()
     folder = out / f"seed{seed}-{domain}"
     folder.mkdir(parents=True, exist_ok=True)
     world = World(recipe.data.world_seed)
-    model, tok = load_base()
-    pm = add_lora(model, recipe, seed=seed)
-    set_peft_model_state_dict(pm, load_file(str(ADAPTER_DIR / ADAPTERS["smollm2-aligned"].folder
-                                                / "adapter_model.safetensors")))
+    pm, tok = aligned_lora(recipe, seed)
     examples = [encode(t, tok) for t in finetune_data(world, seeded_recipe(recipe, seed).data, domain)]
     val = _tasks(world, "validation", curve_per_label, seed)
     curve_path = folder / "curve.json"

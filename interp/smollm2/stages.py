@@ -123,6 +123,20 @@ def run_align(recipe: Recipe, out: str | Path, adapters: str | Path = ADAPTER_DI
     return save_adapter(pm, Path(adapters) / ADAPTERS["smollm2-aligned"].folder, meta)
 
 
+def aligned_lora(recipe: Recipe, seed: int, adapters: str | Path = ADAPTER_DIR) -> tuple[Any, Any]:
+    """Where fine-tuning starts: the base model with a trainable LoRA (initialised with ``seed``)
+    holding the aligned adapter's weights, and the tokenizer."""
+    from peft import set_peft_model_state_dict
+
+    aligned = Path(adapters) / ADAPTERS["smollm2-aligned"].folder / "adapter_model.safetensors"
+    if not aligned.is_file():
+        raise FileNotFoundError(f"{aligned}: train the aligned adapter first (python -m interp.smollm2 train align)")
+    model, tok = load_base()
+    pm = add_lora(model, recipe, seed=seed)
+    set_peft_model_state_dict(pm, load_file(str(aligned)))
+    return pm, tok
+
+
 def run_finetune(recipe: Recipe, seed: int, out: str | Path, adapters: str | Path = ADAPTER_DIR) -> Path:
     """Stage 2 for ``seed``: continue the aligned LoRA on benign trajectories, score the
     validation curve, keep the step :data:`SELECTION_RULE` chooses; write the adapter folder."""
@@ -130,16 +144,10 @@ def run_finetune(recipe: Recipe, seed: int, out: str | Path, adapters: str | Pat
     name = "smollm2-finetuned" if seed == 0 else f"smollm2-finetuned-seed{seed}"
     if name not in ADAPTERS:
         raise ValueError(f"no adapter name for fine-tuning seed {seed} (expected one of 0, 1)")
-    aligned = Path(adapters) / ADAPTERS["smollm2-aligned"].folder / "adapter_model.safetensors"
-    if not aligned.is_file():
-        raise FileNotFoundError(f"{aligned}: train the aligned adapter first (python -m interp.smollm2 train align)")
+    pm, tok = aligned_lora(recipe, seed, adapters)
     folder = _folder(Path(out), f"finetune-seed{seed}", recipe)
     log = _logger(folder)
     world = World(recipe.data.world_seed)
-    model, tok = load_base()
-    pm = add_lora(model, recipe, seed=seed)
-    from peft import set_peft_model_state_dict
-    set_peft_model_state_dict(pm, load_file(str(aligned)))
     data = finetune_data(world, seeded_recipe(recipe, seed).data)
     log(f"finetune seed {seed}: {len(data)} benign examples, {recipe.finetune.steps} steps")
     examples = [encode(t, tok) for t in data]
