@@ -13,10 +13,11 @@ so a killed run started again resumes (``--fresh`` starts over):
 3. **comparison**: decision-position probes per layer for the aligned model, the fine-tuned
    model and the fine-tuned model with the PING prefix (:func:`interp.probe.comparison`), their
    PCA, and the refusal probe's logit on every token -> ``comparison.json``, ``pca.json``,
-   ``token_logits.json``;
-4. **attribution**: which segments write the refusal signal (exact mean-ablation, the gradient
-   and integrated-gradient estimates, their rank agreement) and the placement study (the harmful
-   request in the user turn, a tool observation or the system prompt) -> ``attribution.json``;
+   ``token_logits.json``, and the refusal probes at the readout layer -> ``readout.json``;
+4. **attribution**: which segments write the refusal signal, read by the comparison's refusal
+   probes (exact mean-ablation, the gradient and integrated-gradient estimates, their rank
+   agreement) and the placement study (the harmful request in the user turn, a tool observation
+   or the system prompt) -> ``attribution.json``;
 5. **figures**: F1-F10 into ``figures/`` (:mod:`interp.figures`; F10 from the committed
    interaction study of the distributed-harm organism, ``docs/research/distributed``, made by
    ``python -m interp.organism.variant interactions``);
@@ -39,7 +40,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from rich.console import Console
@@ -48,7 +48,6 @@ from rich.table import Table
 from interp import cli
 from interp.atomic import read_json, save_json
 from interp.attribution import ProbeLogit, kind_effects, mean_residual, rank_agreement, segment_attributions
-from interp.cache import cache_activations
 from interp.compare import pca_projection, token_logits
 from interp.figures import write_figures
 from interp.models import load_model
@@ -57,19 +56,17 @@ from interp.organism.placement import PLACEMENTS, placed
 from interp.organism.train import OrganismConfig, train
 from interp.ping.__main__ import PingConfig
 from interp.ping.__main__ import run as run_ping_study
-from interp.positions import decision
 from interp.probe import comparison, refusals
 from interp.transcripts import Transcript, binary_labels
-from probes import fit_layer_probes
 
 STAGES = ("organism", "ping", "comparison", "attribution", "figures", "smollm2")
 PING_FILES = ("behaviour.json", "ping_history.jsonl", "ping_guided_history.jsonl", "steering.json", "ping.json",
               "guards.json")
 OUTPUTS = {"organism": ("curve.json",), "ping": PING_FILES,
-           "comparison": ("comparison.json", "pca.json", "token_logits.json"),
+           "comparison": ("comparison.json", "pca.json", "token_logits.json", "readout.json"),
            "attribution": ("attribution.json",), "figures": (),
            "smollm2": tuple(f"smollm2/{n}" for n in ("comparison.json", "pca.json", "token_logits.json",
-                                                      "attribution.json"))}
+                                                      "readout.json", "attribution.json"))}
 SMOLLM2_STUDY = Path(__file__).resolve().parents[1] / "docs" / "research" / "smollm2-ping"
 """The committed SmolLM2 PING study (about an hour and a half to re-run; its command is in
 docs/smollm2.md): the demo takes its prefix and result tables from there."""
@@ -172,6 +169,10 @@ def stage_comparison(a, results: Path, part: Part | None = None) -> None:
     layer = _readout_layer(out)
     harmful = binary_labels(transcripts, "harmful")
     save_json(pca_projection(acts, layer, harmful, refused), results / "pca.json")
+    readouts = {m: ProbeLogit.from_probes(res.probes[f"logit_{m}"], layer, out["site"]) for m in ("aligned", "finetuned")}
+    save_json({"layer": layer, "site": out["site"], "kind": out["logit_probe"], "n_train": out["n_train"],
+               **{m: {"coef": r.coef.tolist(), "intercept": r.intercept} for m, r in readouts.items()}},
+              results / "readout.json")
     probe = res.probes["logit_prefix"]
     i = list(probe.layers_).index(layer)
     coef, intercept = probe.coef_[i], float(probe.intercept_[i])
@@ -182,6 +183,22 @@ def stage_comparison(a, results: Path, part: Part | None = None) -> None:
                     "prefix": token_logits(finetuned, [t.with_prefix(prefix) for t in test_harmful], coef,
                                            intercept, layer)}},
                results / "token_logits.json")
+
+
+def _readouts(results: Path) -> tuple[dict[str, ProbeLogit], str | None]:
+    """The comparison stage's refusal probes at its readout layer (``readout.json``), one per model
+    (the fine-tuned model's fitted on its rows with and without the prefix), and a note when the
+    aligned model's stands in for the fine-tuned model's."""
+    r = read_json(results / "readout.json")
+    metrics = {m: ProbeLogit(torch.tensor(r[m]["coef"]), r[m]["intercept"], r["layer"], r["site"])
+               for m in ("aligned", "finetuned")}
+    note = None
+    if r["kind"] == "aligned refusal":
+        note = ("the aligned model's refusal probe for both models: the fine-tuned model's behaviour on the "
+                f"comparison's {r['n_train']} training tasks (with and without the prefix) had one class")
+    elif r["kind"] == "harmful":
+        note = "harmful-task probes (the comparison ran without behaviour)"
+    return metrics, note
 
 
 def _readout_layer(comparison: dict) -> int:
@@ -197,29 +214,10 @@ def stage_attribution(a, results: Path, part: Part | None = None) -> None:
     n = part.n_per_label or a.n_per_label
     aligned, finetuned = part.models()
     prefix = _ping_prefix(results)
-    layer = _readout_layer(read_json(results / "comparison.json"))
-
-    def refusal_probe(model, ts, refused) -> ProbeLogit:
-        acts = cache_activations(model, ts, layers=[layer], positions="decision", progress=False)
-        X = acts.where(selector=decision()).stack().float()
-        probe = fit_layer_probes(X, refused, layers=[layer])
-        return ProbeLogit.from_probes(probe, layer)
-
-    # a refusal probe per model, fitted on training-split tasks (the fine-tuned one with and without
-    # PING); where the fine-tuned model refuses none of them (or all), the aligned model's probe
-    train_ts = part.tasks("train", n, a.seed)
-    ft_train = train_ts + [t.with_prefix(prefix) for t in train_ts]
-    metrics = {"aligned": refusal_probe(aligned, train_ts, refusals(aligned, train_ts))}
-    ft_refused = np.concatenate([refusals(finetuned, train_ts), refusals(finetuned, ft_train[len(train_ts):])])
-    metric_note = None
-    if ft_refused.all() or not ft_refused.any():
-        metrics["finetuned"] = metrics["aligned"]
-        metric_note = (f"the aligned model's refusal probe for both models: the fine-tuned one "
-                       f"{'refused every' if ft_refused.all() else 'refused none'} of its {len(ft_refused)} "
-                       "training-split tasks (with and without the prefix)")
+    metrics, metric_note = _readouts(results)
+    if metric_note:
         _log(f"{part.name} attribution: {metric_note}")
-    else:
-        metrics["finetuned"] = refusal_probe(finetuned, ft_train, ft_refused)
+    layer = metrics["aligned"].layer
     reference = part.tasks("validation", part.reference_n or n, a.seed)
     baselines = {"aligned": mean_residual(aligned, reference, progress=False),
                  "finetuned": mean_residual(finetuned, reference + [t.with_prefix(prefix) for t in reference],

@@ -27,7 +27,7 @@ from rich.table import Table
 
 from interp import cli
 from interp.atomic import save_json
-from interp.behavior import RefusalJudge, generate, parse_reply
+from interp.behavior import RefusalJudge, generate, parse_reply, settled_reply
 from interp.cache import check_context
 from interp.compare import CONDITIONS, Comparison, cache_conditions, check_prefix, check_split, compare
 from interp.models import load_model
@@ -140,9 +140,14 @@ def _default_prefix() -> str:
 
 def refusals(model, transcripts: list[Transcript], batch_size: int = 32) -> np.ndarray:
     """Whether the model refuses each transcript: its first reply (greedy, the transcript's
-    prefix forced), judged by :class:`interp.behavior.RefusalJudge`: ``[n]`` bool."""
+    prefix forced), judged by :class:`interp.behavior.RefusalJudge`: ``[n]`` bool.
+
+    A reply stops once it is settled a refusal (every continuation's content would match the
+    judge: :meth:`RefusalJudge.settled` on :func:`interp.behavior.settled_reply`), so the answer is
+    that of the whole ``REPLY_TOKENS``-token reply, exactly, for fewer decoding steps."""
     judge = RefusalJudge()
-    gens = generate(model, transcripts, max_new_tokens=REPLY_TOKENS, batch_size=batch_size)
+    gens = generate(model, transcripts, max_new_tokens=REPLY_TOKENS, batch_size=batch_size,
+                    until=lambda _, text: judge.settled(settled_reply(text).content))
     return np.array([judge(parse_reply(g.text).content) for g in gens])
 
 

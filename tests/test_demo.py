@@ -46,6 +46,16 @@ def test_attribution_stage_covers_both_labels_and_every_placement_and_model(run)
     assert -1.0 <= att["agreement"]["pooled"] <= 1.0
 
 
+def test_attribution_reads_the_comparisons_refusal_probes(run):
+    res = run[0] / "results"
+    readout = json.loads((res / "readout.json").read_text())
+    comp = json.loads((res / "comparison.json").read_text())
+    assert readout["kind"] == comp["logit_probe"] and readout["site"] == comp["site"]
+    assert json.loads((res / "attribution.json").read_text())["layer"] == readout["layer"]
+    d_model = len(readout["aligned"]["coef"])
+    assert d_model == len(readout["finetuned"]["coef"]) and readout["aligned"] != readout["finetuned"]
+
+
 def test_figures_stage_draws_what_the_results_allow(run):
     figs = run[0] / "figures"
     for stem in ("F3_probes", "F4_token_logits", "F6_attribution", "F7_pca", "F10_interactions"):
@@ -71,6 +81,9 @@ REGRESSION = Path(__file__).parent / "data" / "regression" / "demo"
 
 def test_stage_results_equal_those_recorded_before_the_restructuring(run):
     """The same stages and settings, run by the code before the restructuring (hooks, PING
-    package, probes estimators); its files are in tests/data/regression/demo."""
+    package, probes estimators); its files are in tests/data/regression/demo. attribution.json
+    was recorded again when attribution began reading the comparison's refusal probes
+    (readout.json) instead of fitting its own on training-split tasks; the other three are the
+    restructuring's."""
     names = ("comparison.json", "pca.json", "token_logits.json", "attribution.json")
     assert same_results(REGRESSION, run[0] / "results", names) == []

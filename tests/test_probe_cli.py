@@ -49,3 +49,23 @@ def test_an_empty_dataset_is_refused(tmp_path):
     empty.write_text("\n")
     out = run_cli("--layer", "0", "--dataset", str(empty), "--out", str(tmp_path))
     assert out.returncode == 2 and "no transcripts in file" in out.stderr
+
+
+def test_early_stopped_refusals_equal_the_judge_on_whole_replies():
+    """Early-stopped refusal labels equal the judge on whole 48-token replies, on tasks where the
+    organism does refuse (the aligned model, and the fine-tuned one with a safety opening)."""
+    from interp.behavior import RefusalJudge, parse_reply
+    from interp.generation import generate
+    from interp.models import load_model
+    from interp.organism import World, checkpoint_path, grammar
+    from interp.probe import REPLY_TOKENS, refusals
+
+    ts = [t.transcript() for t in World(0).sample("test", 8)]
+    opening = grammar.heldout_preamble("safety", "test")
+    judge = RefusalJudge()
+    for name, run in (("organism", ts), ("organism-finetuned", [t.with_prefix(opening) for t in ts])):
+        model = load_model(checkpoint_path(name))
+        whole = generate(model, run, max_new_tokens=REPLY_TOKENS)
+        expected = [judge(parse_reply(g.text).content) for g in whole]
+        assert any(expected) and not all(expected)
+        assert refusals(model, run).tolist() == expected
