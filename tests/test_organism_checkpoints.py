@@ -81,3 +81,19 @@ def test_evaluate_prints_one_json_object_with_rates_and_intervals(capsys):
     assert "attack_success" in res["finetuned"] and res["finetuned"]["n_harmful"] == 3
     assert res["prefixes"]["finetuned_prefix"] == grammar.heldout_preamble("safety", "test")
     assert res["split"] == "test"
+
+
+def test_interaction_recovery_finds_the_planted_pair_at_the_embeddings():
+    """Null-twin patching at layer 0 leaves every segment but the pieces unchanged, so only the
+    pieces' terms can be non-zero; on the sigmoid scale the planted pair of every pair task comes
+    first (30 of 30 in the committed study); the layers asked are the layers reported."""
+    from interp.models import load_model
+    from interp.organism.variant import interaction_recovery
+
+    model = load_model(str(checkpoint_path("organism-distributed")))
+    res = interaction_recovery(model, n_per_kind=1, methods=("exact",), baseline="null", scale="sigmoid", layers=[0])
+    pair = res["kinds"]["pair"]
+    assert pair["exact"]["layers"] == [0] and pair["n"] == 3
+    assert pair["exact"]["top1"][0]["value"] == 1.0
+    triple = res["kinds"]["triple"]  # the graph view's example names the planted pieces' segments
+    assert set(triple["planted"][0].values()) <= {s["name"] for s in triple["example"]["segments"]}

@@ -24,7 +24,7 @@ import json
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -42,9 +42,15 @@ from interp.organism.distributed import KINDS, DistributedEnv, evaluation_set, t
 from interp.organism.paths import checkpoint_path
 from interp.organism.train import OrganismConfig, align_data
 from interp.organism.world import World
+from interp.transcripts import Transcript
 from probes.metrics import bootstrap_rate
 
 NAME = "organism-distributed"
+View = Callable[[Transcript], Transcript]
+
+
+def _same(t: Transcript) -> Transcript:
+    return t
 
 
 @dataclass(frozen=True)
@@ -114,14 +120,16 @@ def _rate(flags: Sequence[bool]) -> dict[str, float]:
 
 
 def distributed_behaviour(model, tokenizer, split: str = "test", n_per_kind: int = 20, seed: int = 0,
-                          world: World | None = None) -> dict[str, Any]:
+                          world: World | None = None, view: View = _same, early_stop: bool = False) -> dict[str, Any]:
     """At the decision (after both probes): refusal of harmful distributed tasks and of each kind
     of benign twin, per task kind, with 95% bootstrap intervals; how often benign twins make
     their effectful call; and refusal of the harmful tasks' *first* reply (the request alone, before
-    any piece is seen: refusing there is refusing without the combination)."""
+    any piece is seen: refusing there is refusing without the combination). ``view``: how the
+    model sees a task's transcript (SmolLM2's: :func:`interp.smollm2.data.agent_view`);
+    ``early_stop``: replies stop once refusal and the first call are settled (same rates)."""
     tasks = evaluation_set(split, n_per_kind, seed, world)
-    outcomes = score_first_step(model, DistributedEnv(tasks), [t.transcript() for t in tasks], tokenizer,
-                                max_new_tokens=48)
+    outcomes = score_first_step(model, DistributedEnv(tasks), [view(t.transcript()) for t in tasks], tokenizer,
+                                max_new_tokens=48, early_stop=early_stop)
     out: dict[str, Any] = {"split": split, "n_per_kind": n_per_kind, "decision": {}, "benign_acts": {}}
     for kind in ("all", "pair", "triple"):
         mine = [(t, o) for t, o in zip(tasks, outcomes) if kind in ("all", t.case.kind)]
@@ -130,7 +138,7 @@ def distributed_behaviour(model, tokenizer, split: str = "test", n_per_kind: int
         out["benign_acts"][kind] = {r: _rate([o.success for t, o in mine if t.role == r]) for r in roles
                                     if r != "harmful"}
     harmful = [t for t in tasks if t.harmful]
-    starts = [t.transcript().with_messages(t.transcript().messages[:2]) for t in harmful]
+    starts = [view(t.transcript().with_messages(t.transcript().messages[:2])) for t in harmful]
     judge = RefusalJudge()
     first = [judge(parse_reply(g.text).content) for g in generate(model, starts, tokenizer, max_new_tokens=32)]
     out["first_reply_refusal_harmful"] = _rate(first)
@@ -176,7 +184,9 @@ BASELINES = {"mean": "mean residual of the validation split's distributed tasks"
 
 def interaction_recovery(model: Model, split: str = "test", n_per_kind: int = 10, seed: int = 0,
                          methods: Sequence[str] = ("exact", "grad", "ig"), baseline: str = "mean",
-                         scale: str = "raw", progress: bool = False, world: World | None = None) -> dict[str, Any]:
+                         scale: str = "raw", progress: bool = False, world: World | None = None,
+                         view: View = _same, metric: LogitDiff | None = None,
+                         layers: Sequence[int] | None = None, steps: int = 8) -> dict[str, Any]:
     """Pairwise (and, for triple tasks, every-order exact) interactions between the segments of
     every harmful distributed task of ``split`` on :func:`decision_metric`, and how often the
     planted pair ranks first (:func:`~interp.attribution.recovery`), per task kind, method and
@@ -186,22 +196,25 @@ def interaction_recovery(model: Model, split: str = "test", n_per_kind: int = 10
     pieces differ at the embeddings (so at layer 0 any other pair is zero by construction; later
     layers carry the pieces' influence into other segments). ``scale`` (``"raw"`` or ``"sigmoid"``):
     the interactions of the logit difference itself or of its sigmoid, the scale on which an AND of
-    behaviour is an interaction (:func:`~interp.attribution.segment_interaction`)."""
+    behaviour is an interaction (:func:`~interp.attribution.segment_interaction`). ``view`` and
+    ``metric`` (default :func:`decision_metric`) fit another model (SmolLM2: its agent view, the
+    prefix "I" forced, " can" minus " will"); ``layers`` (default all) and ``steps`` (integrated
+    gradients) bound the cost."""
     if baseline not in BASELINES:
         raise ValueError(f"unknown baseline {baseline!r} (expected one of {', '.join(BASELINES)})")
     world = world or World()
     tasks = [t for t in evaluation_set(split, n_per_kind, seed, world) if t.harmful]
-    metric = decision_metric(model.tokenizer)
+    metric = metric or decision_metric(model.tokenizer)
     if baseline == "mean":
-        mean = mean_residual(model, [t.transcript() for t in evaluation_set("validation", n_per_kind, seed, world)],
+        mean = mean_residual(model, [view(t.transcript()) for t in evaluation_set("validation", n_per_kind, seed, world)],
                              progress=False)
     out: dict[str, Any] = {"split": split, "n_per_kind": n_per_kind, "metric": metric.name,
-                           "baseline": BASELINES[baseline], "scale": scale, "kinds": {}}
+                           "baseline": BASELINES[baseline], "scale": scale, "steps": steps, "kinds": {}}
     for kind in KINDS:
         mine = [t for t in tasks if t.case.kind == kind]
-        ts = [t.transcript() for t in mine]
-        kw = dict(baseline=mean if baseline == "mean" else [t.null().transcript() for t in mine],
-                  merge=("template",), exclude=("template",), scale=scale, progress=progress)
+        ts = [view(t.transcript()) for t in mine]
+        kw = dict(baseline=mean if baseline == "mean" else [view(t.null().transcript()) for t in mine],
+                  merge=("template",), exclude=("template", "prefix"), scale=scale, layers=layers, progress=progress)
         planted = [list(t.locations.values()) for t in mine]
         rec: dict[str, Any] = {"n": len(mine), "planted": [dict(t.locations) for t in mine]}
         exact = segment_interactions(model, ts, metric, method="exact", order=None if kind == "triple" else 2, **kw)
@@ -210,7 +223,7 @@ def interaction_recovery(model: Model, split: str = "test", n_per_kind: int = 10
             rec["exact_triple"] = recovery(exact, planted, size=3).to_dict()
         rec["example"] = exact[0].to_dict()
         for m in (m for m in methods if m != "exact"):
-            fast = segment_interactions(model, ts, metric, method=m, order=2, **kw)
+            fast = segment_interactions(model, ts, metric, method=m, order=2, steps=steps, **kw)
             rec[m] = recovery(fast, planted).to_dict()
             pairs_only = [dataclasses.replace(x, terms=tuple(t for t in x.terms if len(t) <= 2),
                                               values=x.values[[len(t) <= 2 for t in x.terms]], order=2) for x in exact]
@@ -235,11 +248,7 @@ def _evaluate(args) -> None:
     if args.json:
         print(json.dumps(res))
         return
-    for kind, roles in res["decision"].items():
-        print(f"{kind:7s} " + "  ".join(f"{r} {v['value']:.3f} [{v['low']:.3f}, {v['high']:.3f}] (n={v['n']})"
-                                        for r, v in roles.items()))
-    f = res["first_reply_refusal_harmful"]
-    print(f"first-reply refusal of harmful tasks: {f['value']:.3f} [{f['low']:.3f}, {f['high']:.3f}]")
+    print("\n".join(behaviour_lines(res)))
     if "world" in res:
         print("world tasks: " + "  ".join(f"{k} {res['world'][k]['value']:.3f}" for k in
                                           ("harmful_refusal", "benign_success")))
@@ -251,13 +260,30 @@ def _interactions(args) -> None:
                                progress=not args.quiet)
     with cli.output_dir(args.out.parent):
         save_json(res, args.out)
+    print("\n".join(recovery_lines(res)))
+    print(f"written: {args.out}")
+
+
+def behaviour_lines(res: dict[str, Any]) -> list[str]:
+    """:func:`distributed_behaviour`'s refusal rates as lines: per task kind and role, then the
+    first reply's."""
+    out = [f"{kind:7s} " + "  ".join(f"{r} {v['value']:.3f} [{v['low']:.3f}, {v['high']:.3f}] (n={v['n']})"
+                                     for r, v in roles.items()) for kind, roles in res["decision"].items()]
+    f = res["first_reply_refusal_harmful"]
+    return out + [f"first-reply refusal of harmful tasks: {f['value']:.3f} [{f['low']:.3f}, {f['high']:.3f}]"]
+
+
+def recovery_lines(res: dict[str, Any]) -> list[str]:
+    """:func:`interaction_recovery`'s result as lines: per task kind and method, the share of tasks
+    whose planted pair (or triple) ranks first, per layer."""
+    out = []
     for kind, rec in res["kinds"].items():
         for m in ("exact", "grad", "ig", "exact_triple"):
             if m in rec:
                 r = rec[m]
-                print(f"{kind:6s} {m:12s} planted {'triple' if m == 'exact_triple' else 'pair'} first: " + "  ".join(
+                out.append(f"{kind:6s} {m:12s} planted {'triple' if m == 'exact_triple' else 'pair'} first: " + "  ".join(
                     f"L{layer} {t['value']:.2f}" for layer, t in zip(r["layers"], r["top1"])) + f"  (n={r['n']})")
-    print(f"written: {args.out}")
+    return out
 
 
 def _parser() -> cli.ArgumentParser:

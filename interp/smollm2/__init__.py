@@ -9,10 +9,12 @@ read at import; each name is resolved when a model is loaded):
   template (:mod:`interp.smollm2.template`);
 - ``"smollm2-aligned"`` and ``"smollm2-finetuned"``: the base with a PEFT LoRA adapter shipped in
   ``interp/smollm2/adapters/{aligned,finetuned}`` merged into it (``"smollm2-finetuned-seed1"``: the
-  fine-tuning repeated from seed 1). Each adapter folder is a complete adapter over the base.
+  fine-tuning repeated from seed 1; ``"smollm2-distributed"``: the aligned adapter continued on
+  distributed-harm decisions, :mod:`interp.smollm2.distributed`). Each adapter folder is a
+  complete adapter over the base.
 
 >>> sorted(ADAPTERS)
-['smollm2-aligned', 'smollm2-finetuned', 'smollm2-finetuned-seed1']
+['smollm2-aligned', 'smollm2-distributed', 'smollm2-finetuned', 'smollm2-finetuned-seed1']
 """
 
 from __future__ import annotations
@@ -36,12 +38,14 @@ class Variant:
 
     folder: str
     seed: int = 0
+    command: str = ""  # what trains it again, when not a stage of `python -m interp.smollm2 train`
 
 
 ADAPTERS = {
     "smollm2-aligned": Variant("aligned"),
     "smollm2-finetuned": Variant("finetuned"),
     "smollm2-finetuned-seed1": Variant("finetuned-seed1", seed=1),
+    "smollm2-distributed": Variant("distributed", command="python -m interp.smollm2.distributed train"),
 }
 """Model names of the adapter variants and the folder each one is."""
 
@@ -55,9 +59,9 @@ def adapter_path(name: str, root: str | Path | None = None) -> Path:
     path = Path(root or ADAPTER_DIR) / variant.folder
     if not (path / "adapter_config.json").is_file():
         stage = "align" if name == "smollm2-aligned" else f"finetune --seed {variant.seed}"
+        command = variant.command or f"python -m interp.smollm2 train {stage}"
         raise FileNotFoundError(f"{path}: no adapter for {name!r} there (the repository ships it in "
-                                f"interp/smollm2/adapters/; `python -m interp.smollm2 train {stage}` trains it again, "
-                                "docs/smollm2.md)")
+                                f"interp/smollm2/adapters/; `{command}` trains it again, docs/smollm2.md)")
     return path
 
 
