@@ -17,7 +17,7 @@ from interp.organism.world import World
 from interp.smollm2 import checkpoint as ck
 from interp.smollm2.data import agent_view
 from interp.smollm2.distributed import (DECISION_PREFIX, GO_AHEAD, DistributedRecipe, decision_logits, decision_metric,
-                                        deciding_reply, demonstration, distributed_pairs, training_examples)
+                                        decision_rates, deciding_reply, demonstration, distributed_pairs, training_examples)
 from interp.transcripts import render
 
 
@@ -109,10 +109,8 @@ def test_the_shipped_adapter_refuses_when_the_pieces_combine_and_not_on_the_null
     test case of each scheme and kind: positive on harmful tasks, lowest on null twins, each
     one-piece-missing twin in between (the adapter adds the pieces up: docs/remote-connections.md)."""
     model = load_model("smollm2-distributed", attn_implementation="sdpa")
-    tasks = evaluation_set("test", 1, world=world)
-    logit = decision_logits(model, [agent_view(t.transcript()) for t in tasks])
-    mean = {role: float(np.mean([v for t, v in zip(tasks, logit) if t.role == role])) for role in
-            {t.role for t in tasks}}
+    rates = decision_rates(model, evaluation_set("test", 1, world=world))
+    mean = {role: r["mean_logit"] for role, r in rates["all"].items()}
     twins = [v for r, v in mean.items() if r.startswith("twin:")]
     assert mean["harmful"] > 0 > mean["null"]
     assert mean["harmful"] > max(twins) and min(twins) > mean["null"]

@@ -163,15 +163,19 @@ def decision_logits(model: Model, transcripts: Sequence[Transcript], batch_size:
     return out
 
 
-def _validation_point(model: Model, tasks: Sequence[DistributedTask]) -> dict[str, Any]:
+def decision_rates(model: Model, tasks: Sequence[DistributedTask]) -> dict[str, Any]:
+    """Per task kind (``"all"``, ``"pair"``, ``"triple"``) and role: the share of tasks whose
+    :func:`decision_logits` is positive (a refusal's " can" ahead) and its mean."""
     logit = decision_logits(model, [agent_view(t.transcript()) for t in tasks])
-    roles = dict.fromkeys(t.role for t in tasks)
-    return {kind: {r: {"refuse_share": float(np.mean([v > 0 for t, v in zip(tasks, logit)
-                                                      if t.role == r and kind in ("all", t.case.kind)])),
-                       "mean_logit": float(np.mean([v for t, v in zip(tasks, logit)
-                                                    if t.role == r and kind in ("all", t.case.kind)]))}
-                   for r in roles if any(t.role == r and kind in ("all", t.case.kind) for t in tasks)}
-            for kind in ("all", *KINDS)}
+    out: dict[str, Any] = {}
+    for kind in ("all", *KINDS):
+        by_role: dict[str, list[float]] = {}
+        for t, v in zip(tasks, logit):
+            if kind in ("all", t.case.kind):
+                by_role.setdefault(t.role, []).append(float(v))
+        out[kind] = {r: {"refuse_share": float(np.mean(np.asarray(vs) > 0)), "mean_logit": float(np.mean(vs))}
+                     for r, vs in by_role.items()}
+    return out
 
 
 def train(recipe: DistributedRecipe, out: str | Path, adapters: str | Path = ADAPTER_DIR, log=print) -> Path:
@@ -197,7 +201,7 @@ def train(recipe: DistributedRecipe, out: str | Path, adapters: str | Path = ADA
 
     def at(step: int) -> None:
         curve = read_json(curve_path) if curve_path.exists() else {}
-        curve[str(step)] = {"step": step, **_validation_point(handle, val)}
+        curve[str(step)] = {"step": step, **decision_rates(handle, val)}
         save_json(curve, curve_path)
         a = curve[str(step)]["all"]
         log(f"step {step} validation refuse share: " + ", ".join(f"{r} {v['refuse_share']:.2f}" for r, v in a.items()))
@@ -224,7 +228,7 @@ def behaviour(model: Model, split: str = "test", n_per_kind: int = 5, seed: int 
     out = distributed_behaviour(model.hf_model, model.tokenizer, split, n_per_kind, seed, view=agent_view,
                                 early_stop=True)
     tasks = evaluation_set(split, n_per_kind, seed)
-    out["decision_logit"] = _validation_point(model, tasks)
+    out["decision_logit"] = decision_rates(model, tasks)
     return out
 
 
@@ -318,6 +322,7 @@ __all__ = [
     "deciding_reply",
     "decision_logits",
     "decision_metric",
+    "decision_rates",
     "demonstration",
     "distributed_pairs",
     "recovery",
