@@ -42,9 +42,10 @@ import torch
 from interp import cli
 from interp.atomic import read_json, save_json
 from interp.attribution import LogitDiff
+from interp.attribution.engine import patched_metric
 from interp.cache import pad_batch, render_for
 from interp.finetune import Example, encode
-from interp.models import Model, find_layers, load_model, position_ids_from_mask
+from interp.models import Model, find_layers, load_model
 from interp.organism.distributed import (
     KINDS,
     REASONS,
@@ -147,19 +148,21 @@ def training_examples(recipe: DistributedRecipe, tokenizer: Any, world: World) -
 
 
 def decision_logits(model: Model, transcripts: Sequence[Transcript], batch_size: int = 32) -> np.ndarray:
-    """:func:`decision_metric` of each transcript with :data:`DECISION_PREFIX` forced: ``[n]``."""
+    """:func:`decision_metric` of each transcript with :data:`DECISION_PREFIX` forced, read at its
+    last token by attribution's readout path (:func:`~interp.attribution.engine.patched_metric`,
+    nothing patched): ``[n]``."""
     metric = decision_metric(model.tokenizer)
     rendered = render_for(model, [t.with_prefix(DECISION_PREFIX) for t in transcripts])
     hf, out = model.hf_model, np.empty(len(rendered))
     was_training = hf.training
-    hf.eval()
-    with torch.inference_mode():
+    hf.eval()  # a PEFT model being trained: no dropout while it is scored
+    try:
         for s in range(0, len(rendered), batch_size):
-            chunk = rendered[s:s + batch_size]
-            ids, attn, _ = pad_batch([[int(i) for i in r.input_ids] for r in chunk], model.tokenizer.pad_token_id, "left")
-            logits = hf(input_ids=ids, attention_mask=attn, position_ids=position_ids_from_mask(attn)).logits[:, -1]
-            out[s:s + len(chunk)] = metric(logits.float()).numpy()
-    hf.train(was_training)
+            ids, attn, _ = pad_batch(rendered[s:s + batch_size], model.tokenizer.pad_token_id, "left")
+            last = torch.full((ids.shape[0],), ids.shape[1] - 1)
+            out[s:s + ids.shape[0]] = patched_metric(model, ids, attn, last, metric).float().numpy()
+    finally:
+        hf.train(was_training)
     return out
 
 
@@ -236,8 +239,8 @@ def recovery(model: Model, split: str = "test", n_per_kind: int = 2, layers: Seq
              methods: Sequence[str] = ("exact", "grad", "ig"), baseline: str = "null", scale: str = "sigmoid",
              steps: int = 4, progress: bool = False) -> dict[str, Any]:
     """:func:`interp.organism.variant.interaction_recovery` on SmolLM2: its view, the prefix "I"
-    forced, :func:`decision_metric`. The defaults fit the 2-core machine (about a quarter of an
-    hour): 2 cases per (scheme, kind), 6 pair and 6 triple tasks, at layer 14 (the residual the
+    forced, :func:`decision_metric`. The defaults fit the 2-core machine (1,971 s with eager
+    attention, 2026-12-01): 2 cases per (scheme, kind), 6 pair and 6 triple tasks, at layer 14 (the residual the
     adapter's first layer reads; at layer 0 the null twin differs from the task only in the pieces,
     so every other term is zero by construction), 4 integrated-gradient midpoints."""
     prefixed = lambda t: agent_view(t).with_prefix(DECISION_PREFIX)
