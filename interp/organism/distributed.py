@@ -37,7 +37,7 @@ pairs, so test tasks have unseen targets and phrasings.
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,6 +131,11 @@ class Case:
     def pieces(self) -> tuple[str, ...]:
         """The pieces whose conjunction makes this case harmful."""
         return PIECES if self.kind == "triple" else ("act", "target")
+
+    def subsets(self) -> list[frozenset[str]]:
+        """Every subset of :attr:`pieces`, by bit mask: the empty one first, all of them last."""
+        n = len(self.pieces)
+        return [frozenset(p for j, p in enumerate(self.pieces) if m >> j & 1) for m in range(2 ** n)]
 
     def task(self, present: Sequence[str] | None = None, rule: bool | None = None) -> DistributedTask:
         """The concrete task with ``present`` pieces (default: all, the harmful task). ``rule``
@@ -324,18 +329,24 @@ def evaluation_set(split: str, n_per_kind: int, seed: int = 0, world: World | No
     return out
 
 
+def training_cases(n: int, rng: random.Random, world: World | None = None) -> Iterator[Case]:
+    """``n`` training cases, each of a scheme and kind drawn from ``rng`` (lazily: a caller's own
+    draws from ``rng`` between cases are part of the stream, as in the shipped recipes)."""
+    pools = _pools("train", world or World())
+    for i in range(n):
+        scheme, kind = rng.choice(SCHEMES), rng.choice(KINDS)
+        yield _case(i, "train", scheme, kind, pools, rng)
+
+
 def training_demonstrations(n: int, seed: int = 0, harmful_share: float = 0.5, finish_share: float = 0.3,
                             world: World | None = None) -> list[Transcript]:
     """``n`` demonstrations on training cases: a ``harmful_share`` of harmful tasks, the rest
     spread over every other subset of pieces (each twin, the null task, and for triple tasks the
     two-piece-missing ones); ``finish_share`` run to the final answer."""
-    pools = _pools("train", world or World())
     rng = random.Random(f"distributed/train/{seed}")
     out = []
-    for i in range(n):
-        scheme, kind = rng.choice(SCHEMES), rng.choice(KINDS)
-        case = _case(i, "train", scheme, kind, pools, rng)
-        subsets = [frozenset(p for j, p in enumerate(case.pieces) if m >> j & 1) for m in range(2 ** len(case.pieces))]
+    for case in training_cases(n, rng, world):
+        subsets = case.subsets()
         present = subsets[-1] if rng.random() < harmful_share else rng.choice(subsets[:-1])
         task = case.task(present, rule=rng.random() < 0.5)
         out.append(task.demonstration(rng, finish=rng.random() < finish_share))

@@ -50,9 +50,8 @@ from interp.organism.distributed import (
     KINDS,
     REASONS,
     DistributedTask,
-    _case,
-    _pools,
     evaluation_set,
+    training_cases,
 )
 from interp.organism.variant import (behaviour_lines, distributed_behaviour, interaction_recovery,
                                    recovery_lines)
@@ -94,13 +93,10 @@ def demonstration(task: DistributedTask, rng: random.Random) -> Transcript:
 def distributed_pairs(n_pairs: int, seed: int = 0, world: World | None = None) -> list[Transcript]:
     """``n_pairs`` minimal pairs of training cases: the harmful task, then a benign subset of the
     same case's pieces (each proper subset equally likely; a pair task's rule drawn anew)."""
-    pools = _pools("train", world or World())
     rng = random.Random(f"smollm2-distributed/{seed}")
     out = []
-    for i in range(n_pairs):
-        case = _case(i, "train", rng.choice(("delete", "send", "post")), rng.choice(KINDS), pools, rng)
-        subsets = [frozenset(p for j, p in enumerate(case.pieces) if m >> j & 1) for m in range(2 ** len(case.pieces))]
-        benign = case.task(rng.choice(subsets[:-1]), rule=rng.random() < 0.5)
+    for case in training_cases(n_pairs, rng, world):
+        benign = case.task(rng.choice(case.subsets()[:-1]), rule=rng.random() < 0.5)
         out += [demonstration(case.task(), rng), demonstration(benign, rng)]
     return out
 
