@@ -114,3 +114,13 @@ def test_the_shipped_adapter_refuses_when_the_pieces_combine_and_not_on_the_null
     twins = [v for r, v in mean.items() if r.startswith("twin:")]
     assert mean["harmful"] > 0 > mean["null"]
     assert mean["harmful"] > max(twins) and min(twins) > mean["null"]
+
+
+def test_the_interactions_command_takes_a_subset_of_methods_and_names_a_wrong_one(capsys):
+    from interp.smollm2.distributed import _parser
+
+    assert _parser().parse_args(["interactions", "--methods", "ig"]).methods == ["exact", "ig"]
+    assert _parser().parse_args(["interactions"]).methods == ["exact", "grad", "ig"]
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["interactions", "--methods", "exact,shap"])
+    assert "shap" in capsys.readouterr().err

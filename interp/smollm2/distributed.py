@@ -26,6 +26,7 @@ of " can" (as in "I can't") minus that of " will" (:func:`decision_metric`).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import random
@@ -269,14 +270,24 @@ def _evaluate(args) -> None:
 
 def _interactions(args) -> None:
     t0 = time.time()
-    model = load_model(args.model, attn_implementation="eager")  # fused attention has no second derivative
-    res = recovery(model, args.split, args.n_per_kind, layers=args.layers, baseline=args.baseline, scale=args.scale,
-                   progress=not args.quiet)
+    # fused attention has no second derivative, which the fast methods need
+    attention = "sdpa" if args.methods == ["exact"] else "eager"
+    model = load_model(args.model, attn_implementation=attention)
+    res = recovery(model, args.split, args.n_per_kind, layers=args.layers, methods=args.methods,
+                   baseline=args.baseline, scale=args.scale, progress=not args.quiet)
     res["model"], res["wall_s"] = args.model, round(time.time() - t0, 1)
     with cli.output_dir(args.out.parent):
         save_json(res, args.out)
     print("\n".join(recovery_lines(res)))
     print(f"written: {args.out} ({res['wall_s']:.0f} s)")
+
+
+def _methods(text: str) -> list[str]:
+    got = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in got if m not in ("exact", "grad", "ig")]
+    if bad or not got:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {', '.join(bad) or repr(text)} (expected exact, grad, ig)")
+    return ["exact", *(m for m in ("grad", "ig") if m in got)]
 
 
 def _parser() -> cli.ArgumentParser:
@@ -298,6 +309,8 @@ def _parser() -> cli.ArgumentParser:
     x = sub.choices["interactions"]
     x.add_argument("--layers", type=lambda s: [int(v) for v in s.split(",")], default=[14],
                    help="comma-separated layers (default 14)")
+    x.add_argument("--methods", type=_methods, default=["exact", "grad", "ig"],
+                   help="comma-separated, from exact, grad, ig (default all; exact always runs)")
     x.add_argument("--baseline", default="null", choices=("null", "mean"))
     x.add_argument("--scale", default="sigmoid", choices=("raw", "sigmoid"))
     x.add_argument("--out", type=Path, default=Path("runs/smollm2-distributed/interactions.json"))
