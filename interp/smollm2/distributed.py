@@ -22,6 +22,7 @@ of " can" (as in "I can't") minus that of " will" (:func:`decision_metric`).
     python -m interp.smollm2.distributed train --out runs/smollm2-distributed
     python -m interp.smollm2.distributed evaluate --json
     python -m interp.smollm2.distributed interactions --out runs/smollm2-distributed/interactions.json
+    python -m interp.smollm2.distributed interactions --layers 0 --methods exact   # forwards only, fused attention
 """
 
 from __future__ import annotations
