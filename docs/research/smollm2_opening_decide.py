@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 torch.set_num_threads(2)
 sys.path.insert(0, str(Path(__file__).parent))
