@@ -74,13 +74,14 @@ def test_the_training_mix_holds_distributed_and_world_pairs_each_pair_together(t
     assert all(e.loss_mask.sum() == recipe.decide_tokens for e in ex)
 
 
-def test_decision_logits_equal_the_logit_difference_of_a_plain_forward(tok, world):
+@pytest.mark.parametrize("prefix", [DECISION_PREFIX, "Hold on, let me look at this. I"])
+def test_decision_logits_equal_the_logit_difference_of_a_plain_forward(tok, world, prefix):
     model = load_model("smollm2", attn_implementation="sdpa")
     ts = [agent_view(t.transcript()) for t in evaluation_set("test", 1, world=world)[:3]]
-    got = decision_logits(model, ts, batch_size=2)  # two rows padded together, one alone
+    got = decision_logits(model, ts, batch_size=2, prefix=prefix)  # two rows padded together, one alone
     metric = decision_metric(tok)
     for t, g in zip(ts, got):
-        ids = torch.as_tensor(render(t.with_prefix(DECISION_PREFIX), tok).input_ids)[None]
+        ids = torch.as_tensor(render(t.with_prefix(prefix), tok).input_ids)[None]
         with torch.no_grad():
             logits = model.hf_model(input_ids=ids).logits[0, -1]
         assert g == pytest.approx(float(logits[metric.token_a] - logits[metric.token_b]), abs=2e-4)
@@ -124,3 +125,4 @@ def test_the_interactions_command_takes_a_subset_of_methods_and_names_a_wrong_on
     with pytest.raises(SystemExit):
         _parser().parse_args(["interactions", "--methods", "exact,shap"])
     assert "shap" in capsys.readouterr().err
+

@@ -63,11 +63,7 @@ def adapter(snapshots: Path, step: int) -> Path:
 
 
 def logits(model, tasks, prefix: str) -> np.ndarray:
-    old, dist.DECISION_PREFIX = dist.DECISION_PREFIX, (prefix + " I") if prefix else "I"
-    try:
-        return dist.decision_logits(model, tasks)
-    finally:
-        dist.DECISION_PREFIX = old
+    return dist.decision_logits(model, tasks, prefix=f"{prefix} {dist.DECISION_PREFIX}" if prefix else dist.DECISION_PREFIX)
 
 
 def main() -> None:

@@ -145,12 +145,14 @@ def training_examples(recipe: DistributedRecipe, tokenizer: Any, world: World) -
     return [deciding_reply(encode(t, tokenizer), recipe.decide_tokens) for pair in pairs for t in pair]
 
 
-def decision_logits(model: Model, transcripts: Sequence[Transcript], batch_size: int = 32) -> np.ndarray:
-    """:func:`decision_metric` of each transcript with :data:`DECISION_PREFIX` forced, read at its
-    last token by attribution's readout path (:func:`~interp.attribution.engine.patched_metric`,
-    nothing patched): ``[n]``."""
+def decision_logits(model: Model, transcripts: Sequence[Transcript], batch_size: int = 32,
+                    prefix: str = DECISION_PREFIX) -> np.ndarray:
+    """:func:`decision_metric` of each transcript with ``prefix`` forced (default
+    :data:`DECISION_PREFIX`; an opening before it, e.g. ``"Hold on. I"``, reads the decision after
+    that opening), read at its last token by attribution's readout path
+    (:func:`~interp.attribution.engine.patched_metric`, nothing patched): ``[n]``."""
     metric = decision_metric(model.tokenizer)
-    rendered = render_for(model, [t.with_prefix(DECISION_PREFIX) for t in transcripts])
+    rendered = render_for(model, [t.with_prefix(prefix) for t in transcripts])
     hf, out = model.hf_model, np.empty(len(rendered))
     was_training = hf.training
     hf.eval()  # a PEFT model being trained: no dropout while it is scored
